@@ -1,0 +1,392 @@
+"""Embed a catalog (Contract 1) into an embeddings dataset (Contract 2) with Ray Data.
+
+    python jobs/embed.py --catalog URI --out URI [--model NAME] [--batch-size N] [--concurrency N]
+
+Streaming: list catalog -> read + decode + preprocess (CPU tasks) -> embed (actor pool; one GPU
+per actor when the cluster has GPUs) -> the driver assembles fixed-size partitions by row number
+and writes each one atomically as embeddings/part-NNNNN.parquet + errors/part-NNNNN.parquet.
+A rerun with the same --out skips finished partitions; manifest.json is written last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from visual_search import catalog, devices, embedders, images, schema, storage
+from visual_search.manifest import EmbeddingsManifest, FileRecord
+from visual_search.pipeline import DecodeBatch, EmbedBatch
+
+log = logging.getLogger("visual_search.embed")
+
+
+@dataclass(frozen=True)
+class Config:
+    catalog: str
+    out: str
+    model: str = embedders.DEFAULT_MODEL
+    weights: str | None = None
+    random_weights: bool = False
+    preprocess: str = "pad"
+    batch_size: int = 32
+    concurrency: int | None = None  # embedding actors; default: one per GPU, else 1
+    threads_per_actor: int | None = None  # CPU actors: torch threads (default: all cores)
+    decode_batch_size: int = 16
+    partition_size: int = 1000
+    limits: images.Limits = images.Limits()
+    device: str | None = None
+    s3_endpoint: str | None = None
+    overwrite: bool = False
+    progress_every_s: float = 10.0
+
+
+class JobError(RuntimeError):
+    """The job cannot start or its output would be inconsistent."""
+
+
+def _part_name(i: int) -> str:
+    return f"part-{i:05d}.parquet"
+
+
+def _plan(cfg: Config, cat: catalog.Catalog) -> dict:
+    return {
+        "catalog": storage.normalize(cfg.catalog),
+        "fingerprint": cat.fingerprint(),
+        "rows": cat.num_rows,
+        "partition_size": cfg.partition_size,
+        "model": cfg.model,
+        "weights": cfg.weights,
+        "preprocess": cfg.preprocess,
+        "limits": dataclasses.asdict(cfg.limits),
+    }
+
+
+def _prepare_out(cfg: Config, plan: dict) -> None:
+    """Check the output is writable and belongs to this same plan (else refuse, or wipe)."""
+    plan_uri = storage.join(cfg.out, "_plan.json")
+    if cfg.overwrite and storage.exists(cfg.out):
+        storage.delete(cfg.out)
+    storage.check_writable(cfg.out)
+    if storage.exists(plan_uri):
+        old = storage.read_json(plan_uri)
+        if old != plan:
+            changed = sorted(k for k in plan if old.get(k) != plan[k])
+            raise JobError(
+                f"{cfg.out} holds output of a different run (changed: {', '.join(changed)}); "
+                "use another --out or pass --overwrite"
+            )
+    else:
+        storage.write_json(plan_uri, plan)
+
+
+def _finished_partitions(out: str, n_parts: int) -> set[int]:
+    def names(sub: str) -> set[str]:
+        uri = storage.join(out, sub)
+        if not storage.exists(uri):
+            return set()
+        return {e.uri.rpartition("/")[2] for e in storage.list_files(uri, suffixes=(".parquet",))}
+
+    both = names("embeddings") & names("errors")
+    return {i for i in range(n_parts) if _part_name(i) in both}
+
+
+class _Progress:
+    """Console progress lines, and the steady-state rate measured over the middle of the run."""
+
+    def __init__(self, total: int, every_s: float):
+        self.total, self.every_s = total, every_s
+        self.done = self.errors = 0
+        self.start = self.last = time.monotonic()
+        self.points: list[tuple[float, int]] = []  # (time, rows done) at each output batch
+
+    def add(self, rows: int, errors: int) -> None:
+        self.done += rows
+        self.errors += errors
+        now = time.monotonic()
+        self.points.append((now, self.done))
+        if now - self.last >= self.every_s or self.done == self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate else float("inf")
+            print(
+                f"[embed] {self.done:,}/{self.total:,} images ({100 * self.done / self.total:.0f}%)"
+                f", {self.errors:,} errors, {rate:.1f} images/s, ETA {eta:.0f}s",
+                flush=True,
+            )
+
+    def steady_rate(self) -> float | None:
+        """Images/s between 25% and 75% of the rows: start-up, fill and drain excluded."""
+        lo = next((p for p in self.points if p[1] >= 0.25 * self.total), None)
+        hi = next((p for p in self.points if p[1] >= 0.75 * self.total), None)
+        if lo is None or hi is None or hi[0] <= lo[0]:
+            return None
+        return (hi[1] - lo[1]) / (hi[0] - lo[0])
+
+
+class _PartitionWriter:
+    """Collects streamed rows by partition and writes each partition once it is complete."""
+
+    def __init__(self, cfg: Config, cat: catalog.Catalog, dim: int):
+        self.cfg, self.cat, self.dim = cfg, cat, dim
+        self.pending: dict[int, list[pa.Table]] = {}
+        self.seen: dict[int, int] = {}
+        self.records: dict[int, tuple[int, int]] = {}
+
+    def _expected(self, part: int) -> int:
+        start = part * self.cfg.partition_size
+        return min(self.cfg.partition_size, self.cat.num_rows - start)
+
+    def add(self, batch: pa.Table) -> None:
+        parts = pc.divide(batch["row"], self.cfg.partition_size).to_numpy()
+        for part in sorted(set(parts.tolist())):
+            piece = batch.filter(pa.array(parts == part))
+            self.pending.setdefault(part, []).append(piece)
+            self.seen[part] = self.seen.get(part, 0) + piece.num_rows
+            if self.seen[part] > self._expected(part):
+                raise JobError(f"partition {part}: more rows than the catalog has (duplicates)")
+            if self.seen[part] == self._expected(part):
+                self._write(part, pa.concat_tables(self.pending.pop(part)))
+
+    def _write(self, part: int, rows: pa.Table) -> None:
+        rows = rows.sort_by("row")
+        start = part * self.cfg.partition_size
+        expected = pa.array(range(start, start + self._expected(part)), pa.int64())
+        if not rows["row"].combine_chunks().equals(expected):
+            raise JobError(f"partition {part}: rows do not match the catalog's rows")
+        ok = pc.is_valid(rows["embedding"])
+        meta = self.cat.table.take(rows["row"])
+        good = meta.filter(ok).append_column(
+            pa.field("embedding", schema.embedding_type(self.dim)),
+            rows["embedding"].filter(ok).combine_chunks(),
+        )
+        bad = rows.filter(pc.invert(ok))
+        errors = pa.table(
+            [
+                meta["product_id"].filter(pc.invert(ok)),
+                meta["image_uri"].filter(pc.invert(ok)),
+                bad["error"],
+                bad["detail"],
+            ],
+            schema=schema.ERRORS_SCHEMA,
+        )
+        # Errors first: a partition counts as finished only when both files exist.
+        storage.write_parquet(storage.join(self.cfg.out, "errors", _part_name(part)), errors)
+        storage.write_parquet(storage.join(self.cfg.out, "embeddings", _part_name(part)), good)
+        self.records[part] = (good.num_rows, errors.num_rows)
+
+
+def _stream(cfg: Config, cat: catalog.Catalog, todo_rows: pa.Array, dim: int):
+    """Build the Ray Data pipeline over the catalog rows still to do; yields output batches."""
+    import ray
+
+    ray.init(ignore_reinit_error=True, log_to_driver=True)
+    gpus = devices.cluster_gpus()
+    concurrency = cfg.concurrency or (max(1, int(gpus)) if gpus else 1)
+    n_cpus = int(ray.cluster_resources().get("CPU", 1))
+    threads = None if gpus else (cfg.threads_per_actor or max(1, n_cpus // concurrency))
+    env = storage.storage_env()
+    runtime_env = {"env_vars": env} if env else None
+
+    table = pa.table({"row": todo_rows, "image_uri": cat.table["image_uri"].take(todo_rows)})
+    # Small blocks so that even a small catalog spreads over all decode workers.
+    block = max(cfg.decode_batch_size, min(64, math.ceil(len(table) / (4 * n_cpus))))
+    blocks = [table.slice(i, block) for i in range(0, len(table), block)]
+    print(
+        f"[embed] {len(table):,} images to embed in {len(blocks)} blocks; "
+        f"{concurrency} {cfg.model} actor(s) on {'GPU' if gpus else f'CPU, {threads} threads'}",
+        flush=True,
+    )
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        DecodeBatch,
+        fn_constructor_args=(embedders.preprocess_for(cfg.model, cfg.preprocess), cfg.limits),
+        batch_size=cfg.decode_batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, n_cpus)),
+        num_cpus=1,
+        runtime_env=runtime_env,
+    )
+    ds = ds.map_batches(
+        EmbedBatch,
+        fn_constructor_args=(
+            cfg.model,
+            cfg.weights,
+            cfg.random_weights,
+            cfg.preprocess,
+            cfg.device,
+            threads,
+        ),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_gpus=1 if gpus else 0,
+        num_cpus=1,
+        runtime_env=runtime_env,
+    )
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def _errors_by_code(out: str, names: list[str]) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for name in names:
+        col = storage.read_parquet(storage.join(out, "errors", name), columns=["error"])["error"]
+        counts.update(col.to_pylist())
+    return dict(sorted(counts.items()))
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
+
+
+def run(cfg: Config) -> EmbeddingsManifest:
+    """Embed the catalog into cfg.out; returns the manifest written last."""
+    started = time.time()
+    if cfg.s3_endpoint:
+        storage.configure(cfg.s3_endpoint)
+    cat = catalog.read_catalog(cfg.catalog)
+    spec = embedders.REGISTRY.get(cfg.model)
+    if spec is None:
+        raise JobError(f"unknown model {cfg.model!r}; known: {', '.join(embedders.REGISTRY)}")
+    plan = _plan(cfg, cat)
+    _prepare_out(cfg, plan)
+    n_parts = math.ceil(cat.num_rows / cfg.partition_size)
+    done = _finished_partitions(cfg.out, n_parts)
+    todo = [i for i in range(n_parts) if i not in done]
+    print(
+        f"[embed] catalog {cfg.catalog}: {cat.num_rows:,} images in {n_parts} partitions; "
+        f"{len(done)} already finished, {len(todo)} to do",
+        flush=True,
+    )
+
+    writer = _PartitionWriter(cfg, cat, spec.dim)
+    t0 = time.monotonic()
+    progress = _Progress(0, cfg.progress_every_s)
+    if todo:
+        size = cfg.partition_size
+        rows = pa.array(
+            [r for p in todo for r in range(p * size, min((p + 1) * size, cat.num_rows))],
+            pa.int64(),
+        )
+        progress.total = len(rows)
+        for batch in _stream(cfg, cat, rows, spec.dim):
+            writer.add(batch)
+            progress.add(batch.num_rows, batch["embedding"].null_count)
+        if writer.pending or len(writer.records) != len(todo):
+            missing = sorted(set(todo) - set(writer.records))
+            raise JobError(f"stream ended with partitions incomplete: {missing[:10]}")
+    seconds = time.monotonic() - t0
+    processed = sum(e + r for e, r in writer.records.values())
+
+    emb_files, err_files = [], []
+    for i in range(n_parts):
+        name = _part_name(i)
+        if i in writer.records:
+            n_emb, n_err = writer.records[i]
+        else:
+            n_emb = storage.parquet_num_rows(storage.join(cfg.out, "embeddings", name))
+            n_err = storage.parquet_num_rows(storage.join(cfg.out, "errors", name))
+        emb_files.append(FileRecord(f"embeddings/{name}", n_emb))
+        err_files.append(FileRecord(f"errors/{name}", n_err))
+    embedded = sum(f.rows for f in emb_files)
+    n_errors = sum(f.rows for f in err_files)
+    if embedded + n_errors != cat.num_rows:
+        raise JobError(
+            f"count mismatch: catalog has {cat.num_rows} rows but {embedded} embedded + "
+            f"{n_errors} errors were written; manifest not written"
+        )
+    probe = embedders.create(cfg.model, cfg.weights, "cpu", cfg.random_weights, cfg.preprocess)
+    manifest = EmbeddingsManifest(
+        model=probe.describe(),
+        catalog={
+            "uri": storage.normalize(cfg.catalog),
+            "kind": cat.kind,
+            "fingerprint": plan["fingerprint"],
+            "rows": cat.num_rows,
+            "metadata_columns": cat.metadata_columns,
+        },
+        counts={
+            "input": cat.num_rows,
+            "embedded": embedded,
+            "errors": n_errors,
+            "errors_by_code": _errors_by_code(cfg.out, [f.path.split("/")[1] for f in err_files]),
+        },
+        partition_size=cfg.partition_size,
+        embeddings=emb_files,
+        errors=err_files,
+        timings={
+            "started_unix": started,
+            "total_s": round(time.time() - started, 3),
+            "pipeline_s": round(seconds, 3),
+            "processed_this_run": processed,
+            "images_per_s": round(processed / seconds, 2) if processed else None,
+            "steady_images_per_s": _round(progress.steady_rate()),
+        },
+    )
+    manifest.write(cfg.out)
+    rate = f"{processed / seconds:.1f} images/s" if processed else "nothing to do"
+    print(
+        f"[embed] done: {cat.num_rows:,} images, {embedded:,} embedded, {n_errors:,} errors "
+        f"{manifest.counts['errors_by_code']}, {processed:,} processed this run at {rate}, "
+        f"{time.time() - started:.1f}s total -> {cfg.out}",
+        flush=True,
+    )
+    return manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--catalog", required=True, help="catalog table or image folder/prefix URI")
+    p.add_argument("--out", required=True, help="output dataset URI (local path or s3://)")
+    p.add_argument("--model", default=embedders.DEFAULT_MODEL, choices=sorted(embedders.REGISTRY))
+    p.add_argument("--weights", help="state dict URI (required for resnet50 and clip-vit-b-32)")
+    p.add_argument("--preprocess", default="pad", choices=["pad", "crop"])
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    p.add_argument("--concurrency", type=int, help="embedding actors (default: GPUs, else 1)")
+    p.add_argument("--threads-per-actor", type=int, help="torch threads per CPU actor")
+    p.add_argument("--partition-size", type=int, default=1000, help="rows per output file")
+    p.add_argument("--max-pixels", type=int, default=images.Limits.max_pixels)
+    p.add_argument("--max-bytes", type=int, default=images.Limits.max_bytes)
+    p.add_argument("--min-side", type=int, default=images.Limits.min_side)
+    p.add_argument("--device", help="torch device for the actors (default: auto)")
+    p.add_argument("--s3-endpoint", help=f"S3-compatible endpoint (or ${storage.ENDPOINT_ENV})")
+    p.add_argument("--overwrite", action="store_true", help="delete --out first")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = Config(
+        catalog=args.catalog,
+        out=args.out,
+        model=args.model,
+        weights=args.weights,
+        preprocess=args.preprocess,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        threads_per_actor=args.threads_per_actor,
+        partition_size=args.partition_size,
+        limits=images.Limits(args.max_bytes, args.max_pixels, args.min_side),
+        device=args.device,
+        s3_endpoint=args.s3_endpoint,
+        overwrite=args.overwrite,
+    )
+    try:
+        run(cfg)
+    except (catalog.CatalogError, storage.StorageError, JobError, ValueError) as exc:
+        print(f"[embed] error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

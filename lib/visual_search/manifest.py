@@ -1,0 +1,72 @@
+"""Manifests: frozen dataclasses written last (they mark a dataset or version complete)."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from visual_search import __version__, storage
+
+EMBEDDINGS_FORMAT = 1
+
+
+def code_version() -> dict:
+    """Package version, plus the git commit when running from a checkout."""
+    out = {"package": __version__}
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if sha.returncode == 0:
+            out["git"] = sha.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str  # relative to the dataset root
+    rows: int
+
+
+@dataclass(frozen=True)
+class EmbeddingsManifest:
+    model: dict  # model_id, weights, dim, preprocess
+    catalog: dict  # uri, kind, fingerprint, rows, metadata_columns
+    counts: dict  # input, embedded, errors, errors_by_code
+    partition_size: int
+    embeddings: list[FileRecord]
+    errors: list[FileRecord]
+    timings: dict
+    code_version: dict = field(default_factory=code_version)
+    format_version: int = EMBEDDINGS_FORMAT
+
+    @property
+    def dim(self) -> int:
+        return int(self.model["dim"])
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EmbeddingsManifest:
+        if d.get("format_version") != EMBEDDINGS_FORMAT:
+            raise ValueError(f"unsupported embeddings format_version {d.get('format_version')!r}")
+        d = dict(d)
+        d["embeddings"] = [FileRecord(**r) for r in d["embeddings"]]
+        d["errors"] = [FileRecord(**r) for r in d["errors"]]
+        return cls(**d)
+
+    def write(self, root: str) -> None:
+        storage.write_json(storage.join(root, "manifest.json"), self.to_dict())
+
+    @classmethod
+    def read(cls, root: str) -> EmbeddingsManifest:
+        return cls.from_dict(storage.read_json(storage.join(root, "manifest.json")))

@@ -1,0 +1,315 @@
+"""URIs (local paths, file://, s3://) mapped onto pyarrow.fs; listing, reads and atomic writes.
+
+S3-compatible servers are reached by setting an endpoint: ``configure(s3_endpoint=...)``, the
+``VISUAL_SEARCH_S3_ENDPOINT`` environment variable, or the AWS standard ``AWS_ENDPOINT_URL_S3`` /
+``AWS_ENDPOINT_URL``. Credentials come from the usual AWS chain (environment, profile, instance
+role), never from this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+ENDPOINT_ENV = "VISUAL_SEARCH_S3_ENDPOINT"
+_ENDPOINT_ENVS = (ENDPOINT_ENV, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+class StorageError(OSError):
+    """An I/O failure, with the URI it concerns in the message."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    uri: str
+    size: int
+
+
+def configure(s3_endpoint: str | None) -> None:
+    """Point s3:// URIs at an S3-compatible endpoint (process-wide; workers inherit the env)."""
+    if s3_endpoint:
+        os.environ[ENDPOINT_ENV] = s3_endpoint
+    else:
+        os.environ.pop(ENDPOINT_ENV, None)
+    _s3.cache_clear()
+
+
+def s3_endpoint() -> str | None:
+    return next((os.environ[k] for k in _ENDPOINT_ENVS if os.environ.get(k)), None)
+
+
+def storage_env() -> dict[str, str]:
+    """Environment variables a Ray worker needs to see the same storage as this process."""
+    keys = (*_ENDPOINT_ENVS, "AWS_REGION", "AWS_DEFAULT_REGION")
+    return {k: os.environ[k] for k in keys if os.environ.get(k)}
+
+
+@functools.lru_cache(maxsize=16)
+def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    kwargs: dict = {
+        # AWS "standard" retry mode with its default of 3 attempts: transient errors are retried,
+        # while a dead endpoint or refused credentials still fail within seconds.
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        "connect_timeout": 10,
+        "request_timeout": 60,
+    }
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+        kwargs["region"] = region or "us-east-1"
+        # Most S3-compatible servers only understand path-style addressing.
+        kwargs["force_virtual_addressing"] = False
+    elif region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+_LOCAL = pafs.LocalFileSystem()
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Map a URI to (filesystem, path within it)."""
+    if is_s3(uri):
+        path = uri[len("s3://") :].rstrip("/")
+        if not path:
+            raise StorageError(f"{uri}: an s3 URI needs a bucket")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        try:
+            return _s3(s3_endpoint(), region), path
+        except Exception as exc:
+            raise StorageError(f"{uri}: cannot reach S3 endpoint {s3_endpoint()!r}: {exc}") from exc
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    elif "://" in uri:
+        raise StorageError(f"{uri}: unsupported URI scheme (use a local path, file:// or s3://)")
+    return _LOCAL, os.path.abspath(os.path.expanduser(uri))
+
+
+def normalize(uri: str) -> str:
+    """Canonical spelling: absolute local path, or s3://bucket/key without a trailing slash."""
+    _, path = resolve(uri)
+    return f"s3://{path}" if is_s3(uri) else path
+
+
+def join(uri: str, *parts: str) -> str:
+    out = uri.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def parent(uri: str) -> str:
+    """The folder/prefix holding uri ("/" for a top-level local path, the bucket on S3)."""
+    norm = normalize(uri)
+    head, _, _ = norm.rpartition("/")
+    if is_s3(norm):
+        return head if head != "s3:/" else norm
+    return head or "/"
+
+
+def _wrap(uri: str, exc: Exception) -> StorageError:
+    if isinstance(exc, StorageError):
+        return exc
+    return StorageError(f"{uri}: {type(exc).__name__}: {exc}".replace("\n", " "))
+
+
+def info(uri: str) -> pafs.FileInfo:
+    fs, path = resolve(uri)
+    try:
+        return fs.get_file_info(path)
+    except Exception as exc:
+        raise _wrap(uri, exc) from exc
+
+
+def exists(uri: str) -> bool:
+    return info(uri).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    return info(uri).type == pafs.FileType.Directory
+
+
+def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[FileEntry]:
+    """All files below a folder/prefix, recursively, sorted by URI; suffixes are lower-case."""
+    fs, path = resolve(uri)
+    base = normalize(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=False))
+    except FileNotFoundError as exc:
+        raise StorageError(f"{uri}: no such folder or prefix") from exc
+    except Exception as exc:
+        raise _wrap(uri, exc) from exc
+    out = []
+    for fi in infos:
+        if fi.type != pafs.FileType.File:
+            continue
+        if suffixes and not fi.base_name.lower().endswith(suffixes):
+            continue
+        rel = fi.path[len(path) :].lstrip("/")
+        out.append(FileEntry(join(base, rel), fi.size))
+    out.sort(key=lambda e: e.uri)
+    return out
+
+
+class TooLarge(StorageError):
+    """The object is larger than the caller allowed."""
+
+
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """Whole object; raises TooLarge (without reading it all) past max_bytes."""
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            if max_bytes is None:
+                return f.read()
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError as exc:
+        raise StorageError(f"{uri}: not found") from exc
+    except Exception as exc:
+        raise _wrap(uri, exc) from exc
+    if len(data) > max_bytes:
+        raise TooLarge(f"{uri}: larger than {max_bytes} bytes")
+    return data
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def read_json(uri: str):
+    return json.loads(read_text(uri))
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Atomic write: readers see the old object or the whole new one, never a part.
+
+    Locally: temp file in the same folder, fsync, rename. On S3: one PUT (or a multipart upload,
+    which becomes visible only when completed).
+    """
+    fs, path = resolve(uri)
+    try:
+        if fs is _LOCAL:
+            folder = os.path.dirname(path)
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+    except Exception as exc:
+        raise _wrap(uri, exc) from exc
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str, obj) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_parquet(uri: str, table: pa.Table) -> None:
+    """Atomic Parquet write (buffered in memory; files here are partition-sized)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes(uri, buf.getvalue())
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = resolve(uri)
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    except Exception as exc:
+        raise _wrap(uri, exc) from exc
+
+
+def parquet_num_rows(uri: str) -> int:
+    """Row count from the footer, without reading the data."""
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    except Exception as exc:
+        raise _wrap(uri, exc) from exc
+
+
+def delete(uri: str, missing_ok: bool = True) -> None:
+    fs, path = resolve(uri)
+    try:
+        fi = fs.get_file_info(path)
+        if fi.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif fi.type == pafs.FileType.File:
+            fs.delete_file(path)
+        elif not missing_ok:
+            raise StorageError(f"{uri}: not found")
+    except Exception as exc:
+        raise _wrap(uri, exc) from exc
+
+
+def check_readable(uri: str) -> pafs.FileInfo:
+    """Fail fast, naming the URI, when it is missing or the bucket/credentials refuse access."""
+    fi = info(uri)
+    if fi.type == pafs.FileType.NotFound:
+        raise StorageError(f"{uri}: not found")
+    return fi
+
+
+def check_writable(uri: str) -> None:
+    """Prove that a folder/prefix accepts writes by writing and deleting a probe object."""
+    probe = join(uri, f".write-probe-{uuid.uuid4().hex}")
+    write_bytes(probe, b"")
+    delete(probe)
+
+
+def local_copy(uri: str, cache_dir: str | None = None) -> str:
+    """A local file path holding the object (the path itself for local URIs)."""
+    fs, path = resolve(uri)
+    if fs is _LOCAL:
+        if not os.path.isfile(path):
+            raise StorageError(f"{uri}: not found")
+        return path
+    fi = check_readable(uri)
+    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "visual_search-cache")
+    # Keyed by endpoint, URI, size and mtime: a changed object gets a fresh copy.
+    key = f"{s3_endpoint()}|{uri}|{fi.size}|{fi.mtime_ns}".encode()
+    name = f"{hashlib.sha256(key).hexdigest()[:24]}-{os.path.basename(path)}"
+    dest = os.path.join(cache_dir, name)
+    if not os.path.exists(dest):
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
+        try:
+            with fs.open_input_stream(path) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=8 << 20)
+            os.replace(tmp, dest)
+        except Exception as exc:
+            raise _wrap(uri, exc) from exc
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return dest

@@ -1,0 +1,41 @@
+"""Shared fixtures: one local Ray per test module, sample photos, generated images."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+SKLEARN_IMAGES = pathlib.Path(__import__("sklearn.datasets").datasets.__file__).parent / "images"
+FLOWER = SKLEARN_IMAGES / "flower.jpg"
+CHINA = SKLEARN_IMAGES / "china.jpg"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance for the module (never an address from the environment)."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def draw_product(seed: int, size: tuple[int, int] = (96, 80)) -> Image.Image:
+    """A deterministic 'product photo': coloured shapes on a light background."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", size, tuple(int(v) for v in rng.integers(200, 256, 3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(4):
+        x0, y0 = rng.integers(0, size[0] // 2), rng.integers(0, size[1] // 2)
+        x1, y1 = x0 + rng.integers(10, size[0] // 2), y0 + rng.integers(10, size[1] // 2)
+        colour = tuple(int(v) for v in rng.integers(0, 200, 3))
+        if rng.random() < 0.5:
+            draw.ellipse((x0, y0, x1, y1), fill=colour)
+        else:
+            draw.rectangle((x0, y0, x1, y1), fill=colour)
+    return img
