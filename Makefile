@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/python -m visual_search.sample --cache .cache --out $(DEMO_DIR)/catalog.parquet --limit $(DEMO_IMAGES)
-	$(BIN)/python jobs/embed.py --catalog $(DEMO_DIR)/catalog.parquet --out $(DEMO_DIR)/embeddings
+	$(BIN)/python jobs/reindex.py --catalog $(DEMO_DIR)/catalog.parquet \
+		--work $(DEMO_DIR)/embeddings --index-root $(DEMO_DIR)/index --shards 2
 
 test: install
 	$(BIN)/ruff check .

@@ -84,27 +84,21 @@ def measure_memory(catalog_uri: str, work: str) -> dict:
     """Run the job in a fresh process (its own local Ray) and sample the tree's PSS."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, os.path.join(REPO, "jobs", "embed.py"), "--catalog", catalog_uri]
-    proc = subprocess.Popen(
-        [*cmd, "--out", work, "--overwrite"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    root = psutil.Process(proc.pid)
-    peak, t0 = 0, time.time()
-    lines: list[str] = []
-    os.set_blocking(proc.stdout.fileno(), False)
-    while proc.poll() is None:
-        peak = max(peak, _tree_pss(root))
-        chunk = proc.stdout.read()
-        if chunk:
-            lines.extend(chunk.splitlines())
-        time.sleep(0.5)
-    lines.extend((proc.stdout.read() or "").splitlines())
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(
+            [*cmd, "--out", work, "--overwrite"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        root = psutil.Process(proc.pid)
+        peak, t0 = 0, time.time()
+        while proc.poll() is None:
+            peak = max(peak, _tree_pss(root))
+            time.sleep(0.5)
+        log.seek(0)
+        lines = log.read().splitlines()
     if proc.returncode != 0:
         raise RuntimeError("embed job failed:\n" + "\n".join(lines[-30:]))
-    return {"peak_pss_bytes": peak, "wall_s": round(time.time() - t0, 1)}
+    summary = next((ln for ln in reversed(lines) if ln.startswith("[embed] done")), "")
+    return {"peak_pss_bytes": peak, "wall_s": round(time.time() - t0, 1), "summary": summary}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("a_over_b", "c_job_steady_images_per_s", "limit_one_machine", "c_over_limit"):
         print(f"{key} {results[key]}", flush=True)
 
+    import ray
+
+    ray.shutdown()  # each memory run starts its own Ray, as a fresh job would
     memory = {}
     for n in [int(x) for x in args.memory_sizes.split(",") if x]:
         uri = os.path.join(work, f"catalog-{n}.parquet")

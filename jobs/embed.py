@@ -19,14 +19,16 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from visual_search import catalog, devices, embedders, images, schema, storage
+from visual_search import catalog, cluster, devices, embedders, images, schema, storage
 from visual_search.manifest import EmbeddingsManifest, FileRecord
-from visual_search.pipeline import DecodeBatch, EmbedBatch
+from visual_search.pipeline import EmbedBatch, decode_batch
 
 log = logging.getLogger("visual_search.embed")
+DECODE_CPUS = 0.5
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class Config:
     s3_endpoint: str | None = None
     overwrite: bool = False
     progress_every_s: float = 10.0
+    # Object store bytes the pipeline may hold in flight (None: 16 batches per actor, >= 256 MiB).
+    # Bounded so that fast decoding cannot run ahead of the model by the size of the catalog.
+    inflight_bytes: int | None = None
 
 
 class JobError(RuntimeError):
@@ -188,13 +193,11 @@ def _stream(cfg: Config, cat: catalog.Catalog, todo_rows: pa.Array, dim: int):
     """Build the Ray Data pipeline over the catalog rows still to do; yields output batches."""
     import ray
 
-    ray.init(ignore_reinit_error=True, log_to_driver=True)
+    cluster.init()
     gpus = devices.cluster_gpus()
     concurrency = cfg.concurrency or (max(1, int(gpus)) if gpus else 1)
     n_cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = None if gpus else (cfg.threads_per_actor or max(1, n_cpus // concurrency))
-    env = storage.storage_env()
-    runtime_env = {"env_vars": env} if env else None
 
     table = pa.table({"row": todo_rows, "image_uri": cat.table["image_uri"].take(todo_rows)})
     # Small blocks so that even a small catalog spreads over all decode workers.
@@ -205,15 +208,33 @@ def _stream(cfg: Config, cat: catalog.Catalog, todo_rows: pa.Array, dim: int):
         f"{concurrency} {cfg.model} actor(s) on {'GPU' if gpus else f'CPU, {threads} threads'}",
         flush=True,
     )
+    size = embedders.preprocess_for(cfg.model, cfg.preprocess).size
+    inflight = cfg.inflight_bytes or max(256 << 20, concurrency * cfg.batch_size * 16 * size**2 * 3)
+    ctx = ray.data.DataContext.get_current()
+    saved_limits = ctx.execution_options.resource_limits
+    ctx.execution_options.resource_limits = saved_limits.copy(object_store_memory=inflight)
+    try:
+        yield from _pipeline(cfg, blocks, concurrency, gpus, threads)
+    finally:
+        ctx.execution_options.resource_limits = saved_limits
+
+
+def _pipeline(cfg: Config, blocks: list[pa.Table], concurrency: int, gpus: float, threads):
+    import ray
+
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
-        DecodeBatch,
-        fn_constructor_args=(embedders.preprocess_for(cfg.model, cfg.preprocess), cfg.limits),
+        decode_batch,
+        fn_kwargs={
+            "preprocess": embedders.preprocess_for(cfg.model, cfg.preprocess),
+            "limits": cfg.limits,
+        },
         batch_size=cfg.decode_batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, n_cpus)),
-        num_cpus=1,
-        runtime_env=runtime_env,
+        # Not 1 like the embedding actors: equal remote args would let Ray Data fuse decoding
+        # into the actors, and the (GPU) actors would then decode serially.
+        num_cpus=DECODE_CPUS,
+        runtime_env=cluster.runtime_env(),
     )
     ds = ds.map_batches(
         EmbedBatch,
@@ -230,7 +251,7 @@ def _stream(cfg: Config, cat: catalog.Catalog, todo_rows: pa.Array, dim: int):
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_gpus=1 if gpus else 0,
         num_cpus=1,
-        runtime_env=runtime_env,
+        runtime_env=cluster.runtime_env(),
     )
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
@@ -273,8 +294,9 @@ def run(cfg: Config) -> EmbeddingsManifest:
     if todo:
         size = cfg.partition_size
         rows = pa.array(
-            [r for p in todo for r in range(p * size, min((p + 1) * size, cat.num_rows))],
-            pa.int64(),
+            np.concatenate(
+                [np.arange(p * size, min((p + 1) * size, cat.num_rows)) for p in todo]
+            ).astype(np.int64)
         )
         progress.total = len(rows)
         for batch in _stream(cfg, cat, rows, spec.dim):

@@ -70,3 +70,52 @@ class EmbeddingsManifest:
     @classmethod
     def read(cls, root: str) -> EmbeddingsManifest:
         return cls.from_dict(storage.read_json(storage.join(root, "manifest.json")))
+
+
+INDEX_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    file: str  # relative to the version folder
+    sha256: str
+    count: int
+    bytes: int
+    id_range: tuple[int, int]  # [first, last + 1) of the global ids it holds
+    docs: str  # its docs Parquet file, relative to the version folder
+
+
+@dataclass(frozen=True)
+class IndexManifest:
+    version: str
+    created_unix: float
+    model: dict  # from the embeddings manifest: model_id, weights, dim, preprocess
+    dim: int
+    metric: str  # "ip" or "l2"
+    factory: str
+    search_params: dict  # e.g. {"nprobe": 16}
+    shards: list[ShardRecord]
+    count: int
+    recall: dict  # recall_at_10, target, queries, method
+    embeddings: dict  # uri, catalog fingerprint, counts
+    timings: dict
+    code_version: dict = field(default_factory=code_version)
+    format_version: int = INDEX_FORMAT
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> IndexManifest:
+        if d.get("format_version") != INDEX_FORMAT:
+            raise ValueError(f"unsupported index format_version {d.get('format_version')!r}")
+        d = dict(d)
+        d["shards"] = [ShardRecord(**{**s, "id_range": tuple(s["id_range"])}) for s in d["shards"]]
+        return cls(**d)
+
+    def write(self, version_root: str) -> None:
+        storage.write_json(storage.join(version_root, "manifest.json"), self.to_dict())
+
+    @classmethod
+    def read(cls, version_root: str) -> IndexManifest:
+        return cls.from_dict(storage.read_json(storage.join(version_root, "manifest.json")))

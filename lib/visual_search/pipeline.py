@@ -35,34 +35,27 @@ def read_and_decode(
         return None, "decode_error", f"{type(exc).__name__}: {exc}"[:DETAIL_MAX]
 
 
-class DecodeBatch:
+def decode_batch(
+    batch: pa.Table, preprocess: images.Preprocess, limits: images.Limits, io_threads: int = 8
+) -> pa.Table:
     """Ray Data UDF: (row, image_uri) -> (row, pixels | null, error, detail).
 
     Reads overlap in a small thread pool (object stores are latency bound); Pillow releases the
     GIL while decoding, so the threads also share the task's cores.
     """
-
-    def __init__(self, preprocess: images.Preprocess, limits: images.Limits, io_threads: int = 8):
-        self.preprocess = preprocess
-        self.limits = limits
-        self.io_threads = io_threads
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        uris = batch["image_uri"].to_pylist()
-        with ThreadPoolExecutor(min(self.io_threads, max(1, len(uris)))) as pool:
-            results = list(
-                pool.map(lambda u: read_and_decode(u, self.preprocess, self.limits), uris)
-            )
-        pixels, errors, details = zip(*results, strict=True) if results else ((), (), ())
-        return pa.table(
-            [
-                batch["row"],
-                pa.array(pixels, pa.binary()),
-                pa.array(errors, pa.string()),
-                pa.array(details, pa.string()),
-            ],
-            schema=DECODED_SCHEMA,
-        )
+    uris = batch["image_uri"].to_pylist()
+    with ThreadPoolExecutor(min(io_threads, max(1, len(uris)))) as pool:
+        results = list(pool.map(lambda u: read_and_decode(u, preprocess, limits), uris))
+    pixels, errors, details = zip(*results, strict=True) if results else ((), (), ())
+    return pa.table(
+        [
+            batch["row"],
+            pa.array(pixels, pa.binary()),
+            pa.array(errors, pa.string()),
+            pa.array(details, pa.string()),
+        ],
+        schema=DECODED_SCHEMA,
+    )
 
 
 class EmbedBatch:

@@ -8,6 +8,7 @@ role), never from this module.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -206,23 +207,44 @@ def write_bytes(uri: str, data: bytes) -> None:
     fs, path = resolve(uri)
     try:
         if fs is _LOCAL:
-            folder = os.path.dirname(path)
-            os.makedirs(folder, exist_ok=True)
-            tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            with staged_file(uri) as tmp, open(tmp, "wb") as f:
+                f.write(data)
         else:
             with fs.open_output_stream(path) as f:
                 f.write(data)
     except Exception as exc:
         raise _wrap(uri, exc) from exc
+
+
+@contextlib.contextmanager
+def staged_file(uri: str):
+    """Yield a local path to write a large file to; on success it becomes `uri` atomically.
+
+    Locally the file is written next to its destination and renamed; on S3 it is uploaded in
+    parts (the object appears only when the upload completes). On error nothing is published.
+    """
+    fs, path = resolve(uri)
+    if fs is _LOCAL:
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        try:
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = os.path.join(tmpdir, os.path.basename(path))
+        yield tmp
+        try:
+            with open(tmp, "rb") as src, fs.open_output_stream(path) as dst:
+                shutil.copyfileobj(src, dst, length=16 << 20)
+        except Exception as exc:
+            raise _wrap(uri, exc) from exc
 
 
 def write_text(uri: str, text: str) -> None:

@@ -1,0 +1,244 @@
+"""Build, verify and publish a sharded FAISS index version from an embeddings dataset.
+
+    python jobs/build_index.py --embeddings URI --index-root URI [--shards N]
+        [--factory auto|STRING] [--memory-budget BYTES] [--target-recall R] [--keep N]
+
+Steps: validate the dataset -> train one template on a sample (GPU when FAISS sees one) ->
+fill N shards in parallel Ray tasks with global dense int64 ids -> tune nprobe/efSearch on
+held-out queries against exact search -> read every shard back (sha256, counts) and re-check
+recall on the files as written -> manifest.json -> move CURRENT -> prune old versions.
+A failure before CURRENT moves leaves the previous version live.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from visual_search import cluster, devices, embeddings, index, storage, versions
+from visual_search.manifest import IndexManifest
+from visual_search.search import merge_topk
+from visual_search.shards import fill_shard, train_template, verify_shard
+
+log = logging.getLogger("visual_search.build_index")
+K = 10
+GIB = 1 << 30
+
+
+class BuildError(RuntimeError):
+    """The build cannot produce a version that meets its contract; nothing was published."""
+
+
+@dataclass(frozen=True)
+class Config:
+    embeddings: str
+    index_root: str
+    shards: int = 1
+    factory: str = "auto"
+    memory_budget: int = 8 * GIB
+    target_recall: float = 0.95
+    metric: str = "ip"
+    queries: int = 1000
+    max_train: int = 200_000
+    keep: int = 3
+    seed: int = 0
+    s3_endpoint: str | None = None
+
+
+def _say(msg: str) -> None:
+    print(f"[build_index] {msg}", flush=True)
+
+
+def _sample(n: int, cfg: Config, factory: str) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out query ids and training ids (disjoint while the dataset allows)."""
+    rng = np.random.default_rng(cfg.seed)
+    perm = rng.permutation(n)
+    nq = min(cfg.queries, max(1, n // 10))
+    queries, rest = np.sort(perm[:nq]), perm[nq:]
+    if factory == "Flat":
+        return queries, np.zeros(0, np.int64)
+    train = rest[: cfg.max_train] if len(rest) >= 1000 else perm[: cfg.max_train]
+    return queries, np.sort(train)
+
+
+def _tune(cfg: Config, grid: list[dict], filled: list[dict], query_ids: np.ndarray):
+    truth = merge_topk([f["exact"] for f in filled], K + 1, cfg.metric)[1]
+    curve = []
+    for j, params in enumerate(grid):
+        found = merge_topk([f["candidates"][j] for f in filled], K + 1, cfg.metric)[1]
+        recall = index.recall_at_k(found, truth, K, exclude=query_ids)
+        curve.append((params, recall))
+        if recall >= cfg.target_recall:
+            return params, recall, truth, curve
+    best = max(curve, key=lambda c: c[1])
+    raise BuildError(
+        f"recall@{K} {best[1]:.3f} at best ({best[0]}) is below the target {cfg.target_recall}; "
+        "choose a richer --factory or a larger --memory-budget"
+    )
+
+
+def run(cfg: Config) -> IndexManifest:
+    """Build and publish one version; returns its manifest."""
+    import ray
+
+    started = time.time()
+    if cfg.s3_endpoint:
+        storage.configure(cfg.s3_endpoint)
+    if cfg.shards < 1:
+        raise ValueError("--shards must be >= 1")
+    if cfg.keep < 1:
+        raise ValueError("--keep must be >= 1")
+    dataset = embeddings.open_dataset(cfg.embeddings)
+    n, d = dataset.count, dataset.dim
+    if n < cfg.shards:
+        raise BuildError(f"{n} vectors cannot fill {cfg.shards} shards")
+    factory = (
+        index.choose_factory(n, d, cfg.memory_budget) if cfg.factory == "auto" else cfg.factory
+    )
+    grid = index.param_grid(index.make_template(factory, d, cfg.metric))
+    query_ids, train_ids = _sample(n, cfg, factory)
+    _, queries = dataset.read_ids(query_ids)
+    version = versions.new_version_id()
+    root = versions.version_root(cfg.index_root, version)
+    _say(f"{n:,} vectors of dimension {d} -> {factory} in {cfg.shards} shard(s), version {version}")
+
+    cluster.init()
+    env = cluster.runtime_env()
+    gpus = 1 if devices.cluster_gpus() > 0 else 0
+    t0 = time.monotonic()
+    train = ray.remote(train_template).options(num_gpus=gpus, runtime_env=env)
+    template = ray.put(ray.get(train.remote(dataset, factory, cfg.metric, train_ids, None)))
+    t_train = time.monotonic() - t0
+    _say(f"template trained on {len(train_ids):,} vectors in {t_train:.1f}s")
+
+    bounds = np.linspace(0, n, cfg.shards + 1).astype(np.int64)
+    fill = ray.remote(fill_shard).options(runtime_env=env)
+    filled = ray.get(
+        [
+            fill.remote(
+                dataset,
+                template,
+                i,
+                (int(bounds[i]), int(bounds[i + 1])),
+                root,
+                queries,
+                K + 1,
+                grid,
+                cfg.metric,
+            )
+            for i in range(cfg.shards)
+        ]
+    )
+    t_fill = time.monotonic() - t0 - t_train
+    records = [f["record"] for f in filled]
+    _say(f"{cfg.shards} shard(s) filled and written in {t_fill:.1f}s")
+
+    params, recall, truth, curve = _tune(cfg, grid, filled, query_ids)
+    _say(f"search params {params}: recall@{K} {recall:.4f} (target {cfg.target_recall})")
+
+    verify = ray.remote(verify_shard).options(runtime_env=env)
+    answers = ray.get([verify.remote(root, r, queries, K + 1, params) for r in records])
+    found = merge_topk(answers, K + 1, cfg.metric)[1]
+    recall_written = index.recall_at_k(found, truth, K, exclude=query_ids)
+    if recall_written < cfg.target_recall:
+        raise BuildError(
+            f"recall@{K} of the files as written is {recall_written:.4f} < {cfg.target_recall}"
+        )
+    _say(f"verified {cfg.shards} shard file(s): checksums, counts, recall@{K} {recall_written:.4f}")
+
+    manifest = IndexManifest(
+        version=version,
+        created_unix=time.time(),
+        model=dataset.manifest.model,
+        dim=d,
+        metric=cfg.metric,
+        factory=factory,
+        search_params=params,
+        shards=records,
+        count=n,
+        recall={
+            f"recall_at_{K}": round(recall_written, 4),
+            "target": cfg.target_recall,
+            "queries": len(query_ids),
+            "method": "held-out dataset vectors, own id excluded, vs exact search",
+            "curve": [{"params": p, "recall": round(r, 4)} for p, r in curve],
+        },
+        embeddings={
+            "uri": dataset.uri,
+            "catalog_fingerprint": dataset.manifest.catalog.get("fingerprint"),
+            "counts": dataset.manifest.counts,
+        },
+        timings={
+            "train_s": round(t_train, 2),
+            "fill_s": round(t_fill, 2),
+            "total_s": round(time.time() - started, 2),
+            "train_vectors": len(train_ids),
+            "bytes": sum(r.bytes for r in records),
+        },
+    )
+    publish(cfg, root, manifest)
+    return manifest
+
+
+def publish(cfg: Config, root: str, manifest: IndexManifest) -> None:
+    """manifest.json last in the version folder, then CURRENT, then pruning (best effort)."""
+    manifest.write(root)
+    previous = versions.current(cfg.index_root)
+    versions.set_current(cfg.index_root, manifest.version)
+    _say(f"published {manifest.version} (was {previous}); CURRENT -> {root}")
+    try:
+        pruned = versions.prune(cfg.index_root, cfg.keep, manifest.version, (previous,))
+        if pruned:
+            _say(f"pruned old versions: {', '.join(pruned)}")
+    except Exception as exc:  # the new version is live; a failed cleanup must not undo that
+        log.warning("pruning old versions failed (the new version is live): %s", exc)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--embeddings", required=True, help="embeddings dataset URI (Contract 2)")
+    p.add_argument("--index-root", required=True, help="index root URI (versions/, CURRENT)")
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--factory", default="auto", help="FAISS factory string, or auto")
+    p.add_argument("--memory-budget", type=int, default=Config.memory_budget, help="bytes")
+    p.add_argument("--target-recall", type=float, default=Config.target_recall)
+    p.add_argument("--metric", default="ip", choices=sorted(index.METRIC_TYPES))
+    p.add_argument("--queries", type=int, default=Config.queries, help="held-out queries")
+    p.add_argument("--keep", type=int, default=Config.keep, help="complete versions kept")
+    p.add_argument("--s3-endpoint", help=f"S3-compatible endpoint (or ${storage.ENDPOINT_ENV})")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, embeddings_uri: str | None = None) -> Config:
+    return Config(
+        embeddings=embeddings_uri or args.embeddings,
+        index_root=args.index_root,
+        shards=args.shards,
+        factory=args.factory,
+        memory_budget=args.memory_budget,
+        target_recall=args.target_recall,
+        metric=args.metric,
+        queries=args.queries,
+        keep=args.keep,
+        s3_endpoint=args.s3_endpoint,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        run(config_from_args(args))
+    except (BuildError, embeddings.DatasetError, storage.StorageError, ValueError) as exc:
+        print(f"[build_index] error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""FAISS index choice, training, shard filling, search parameters, files and recall checks."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+
+import faiss
+import numpy as np
+
+from visual_search import devices, storage
+
+METRIC_TYPES = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+ID_BYTES = 8
+# Below this many vectors exact search is fast enough and needs no training.
+FLAT_MAX = 50_000
+
+
+def nlist_for(n: int) -> int:
+    """IVF list count: a power of two near 4 * sqrt(n), with >= 39 training points per list."""
+    target = 4 * math.sqrt(max(n, 1))
+    nlist = 2 ** round(math.log2(target))
+    while nlist > 16 and nlist * 39 > n:
+        nlist //= 2
+    return max(16, nlist)
+
+
+def bytes_per_vector(factory: str, d: int) -> float:
+    """Approximate stored bytes per vector (codes + id) for the factories choose_factory makes."""
+    codec = factory.rsplit(",", 1)[-1]
+    if codec == "Flat":
+        return 4 * d + ID_BYTES
+    if codec == "SQ8":
+        return d + ID_BYTES
+    if codec == "SQ6":
+        return math.ceil(6 * d / 8) + ID_BYTES
+    if codec.startswith("PQ"):
+        m, _, bits = codec[2:].partition("x")
+        nbits = int(bits.rstrip("fs") or 8)
+        return math.ceil(int(m) * nbits / 8) + ID_BYTES
+    raise ValueError(f"cannot size factory {factory!r}")
+
+
+def choose_factory(n: int, d: int, memory_budget: int) -> str:
+    """A FAISS factory string for n vectors of dimension d within memory_budget bytes.
+
+    Small catalogs get exact search; then IVF with the richest codec that fits the budget
+    (Flat, SQ8, SQ6), and for very large catalogs OPQ + IVF (HNSW coarse quantizer) + PQ.
+    """
+    if n <= 0 or d <= 0:
+        raise ValueError(f"need n > 0 and d > 0, got n={n}, d={d}")
+    if n <= FLAT_MAX and n * (4 * d + ID_BYTES) <= memory_budget:
+        return "Flat"
+    nlist = nlist_for(n)
+    quantizer = f"IVF{nlist}_HNSW32" if nlist >= 16384 else f"IVF{nlist}"
+    for codec in ("Flat", "SQ8", "SQ6"):
+        factory = f"{quantizer},{codec}"
+        if n * bytes_per_vector(factory, d) <= memory_budget:
+            return factory
+    # PQ: the largest m (bytes per vector) that fits and divides the OPQ output dimension.
+    for m in (256, 192, 128, 96, 64, 48, 32, 24, 16, 8):
+        d_out = 4 * m if 4 * m <= d else d
+        if m <= d and d_out % m == 0 and n * (m + ID_BYTES) <= memory_budget:
+            return f"OPQ{m}_{d_out},{quantizer},PQ{m}x8"
+    raise ValueError(
+        f"{n:,} vectors of dimension {d} do not fit in {memory_budget:,} bytes even as PQ8"
+    )
+
+
+def is_ivf(index: faiss.Index) -> bool:
+    try:
+        faiss.extract_index_ivf(index)
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+def make_template(factory: str, d: int, metric: str) -> faiss.Index:
+    """An untrained index; non-IVF types are wrapped in IDMap2 so they take global ids."""
+    if metric not in METRIC_TYPES:
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRIC_TYPES)}")
+    try:
+        index = faiss.index_factory(d, factory, METRIC_TYPES[metric])
+    except RuntimeError as exc:
+        raise ValueError(f"invalid FAISS factory {factory!r}: {exc}") from exc
+    if not is_ivf(index) and not isinstance(index, faiss.IndexIDMap):
+        index = faiss.IndexIDMap2(index)
+    return index
+
+
+def train(template: faiss.Index, vectors: np.ndarray, use_gpu: bool | None = None) -> faiss.Index:
+    """Train the template in place; IVF clustering runs on all GPUs when there are any."""
+    if template.is_trained:
+        return template
+    use_gpu = devices.faiss_gpus() > 0 if use_gpu is None else use_gpu
+    if use_gpu and is_ivf(template):
+        ivf = faiss.extract_index_ivf(template)
+        flat = faiss.IndexFlat(ivf.d, ivf.metric_type)
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(flat)
+    template.train(np.ascontiguousarray(vectors, dtype=np.float32))
+    return template
+
+
+def to_bytes(index: faiss.Index) -> bytes:
+    return faiss.serialize_index(index).tobytes()
+
+
+def from_bytes(data: bytes) -> faiss.Index:
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def param_grid(index: faiss.Index) -> list[dict]:
+    """Search-parameter candidates, cheapest first (nprobe for IVF, efSearch for HNSW)."""
+    if is_ivf(index):
+        nlist = faiss.extract_index_ivf(index).nlist
+        grid = [p for p in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)]
+        return [{"nprobe": p} for p in grid if p < nlist] + [{"nprobe": nlist}]
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if isinstance(inner, faiss.IndexHNSW):
+        return [{"efSearch": e} for e in (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)]
+    return [{}]
+
+
+def apply_params(index: faiss.Index, params: dict) -> None:
+    ps = faiss.ParameterSpace()
+    for name, value in params.items():
+        ps.set_index_parameter(index, name, value)
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, params: dict):
+    """(scores (nq, k) float32, ids (nq, k) int64) with the given search parameters."""
+    apply_params(index, params)
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def exact_topk(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, metric: str):
+    """Brute-force top-k of queries against (vectors, ids): the reference for recall."""
+    scores, pos = faiss.knn(
+        np.ascontiguousarray(queries, np.float32),
+        np.ascontiguousarray(vectors, np.float32),
+        k,
+        metric=METRIC_TYPES[metric],
+    )
+    return scores, np.where(pos >= 0, np.asarray(ids, np.int64)[np.clip(pos, 0, None)], -1)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int, exclude=None) -> float:
+    """Mean |found_k ∩ truth_k| / k over queries; `exclude` (one id per query, e.g. the query's
+    own id when queries come from the database) is dropped from both lists first."""
+    total = 0.0
+    for q in range(len(found)):
+        skip = None if exclude is None else exclude[q]
+        f = [i for i in found[q] if i >= 0 and i != skip][:k]
+        t = [i for i in truth[q] if i >= 0 and i != skip][:k]
+        total += len(set(f) & set(t)) / max(len(t), 1)
+    return total / max(len(found), 1)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_index(index: faiss.Index, uri: str) -> tuple[str, int]:
+    """Write as a CPU index file, atomically; returns (sha256, bytes)."""
+    with storage.staged_file(uri) as path:
+        faiss.write_index(index, path)
+        digest, size = sha256_file(path), os.path.getsize(path)
+    return digest, size
+
+
+def mmap_supported(index: faiss.Index) -> bool:
+    """Whether read_index(IO_FLAG_MMAP) keeps this type's codes on disk (IVF inverted lists)."""
+    return is_ivf(index)
+
+
+def read_index(uri: str, sha256: str | None = None, mmap: bool = True) -> faiss.Index:
+    """Open an index file (a local copy for remote URIs), checking its sha256 when given."""
+    path = storage.local_copy(uri)
+    if sha256 is not None:
+        actual = sha256_file(path)
+        if actual != sha256:
+            raise ValueError(f"{uri}: sha256 {actual} does not match the manifest's {sha256}")
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    try:
+        return faiss.read_index(path, flags)
+    except RuntimeError:
+        if not flags:
+            raise
+        return faiss.read_index(path)  # a type that cannot be memory-mapped
