@@ -325,9 +325,8 @@ def run(cfg: Config) -> EmbeddingsManifest:
             f"count mismatch: catalog has {cat.num_rows} rows but {embedded} embedded + "
             f"{n_errors} errors were written; manifest not written"
         )
-    probe = embedders.create(cfg.model, cfg.weights, "cpu", cfg.random_weights, cfg.preprocess)
     manifest = EmbeddingsManifest(
-        model=probe.describe(),
+        model=embedders.describe(cfg.model, cfg.weights, cfg.random_weights, cfg.preprocess),
         catalog={
             "uri": storage.normalize(cfg.catalog),
             "kind": cat.kind,

@@ -131,3 +131,8 @@ def test_load_state_by_position_checks_shapes():
         embedders.load_state_by_position(net, bad)
     with pytest.raises(ValueError, match="tensors"):
         embedders.load_state_by_position(net, dict(list(good.items())[:2]))
+
+
+def test_describe_without_building_matches_the_model(lite0):
+    assert embedders.describe("efficientnet_lite0") == lite0.describe()
+    assert embedders.describe("resnet50", random_weights=True)["weights"] == "random"

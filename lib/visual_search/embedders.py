@@ -92,17 +92,24 @@ def _sha256_id(path: str) -> str:
     return f"sha256:{h.hexdigest()[:16]}"
 
 
-def _load_state(weights: str | None, random_weights: bool, name: str) -> tuple[dict | None, str]:
+def _load_state(weights: str | None, random_weights: bool, name: str) -> dict | None:
     if weights:
-        path = storage.local_copy(weights)
-        return torch.load(path, map_location="cpu", weights_only=True), _sha256_id(path)
+        return torch.load(storage.local_copy(weights), map_location="cpu", weights_only=True)
     if not random_weights:
         raise ValueError(
             f"model {name!r} needs weights (a local path or URI to a state dict); "
             "random weights must be asked for explicitly"
         )
     log.warning("model %s runs with RANDOM weights: its vectors are meaningless", name)
-    return None, "random"
+    return None
+
+
+def _weights_id(name: str, weights: str | None, random_weights: bool) -> str:
+    if name == "efficientnet_lite0":
+        return _sha256_id(_lite0_weights(weights))
+    if weights:
+        return _sha256_id(storage.local_copy(weights))
+    return "random"
 
 
 def load_state_by_position(model: nn.Module, state: dict) -> None:
@@ -152,37 +159,36 @@ class _PreLogits(nn.Module):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    build: Callable[[str | None, bool], tuple[nn.Module, str]]
+    build: Callable[[str | None, bool], nn.Module]
     dim: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     size: int = 224
 
 
-def _build_efficientnet_lite0(weights: str | None, random_weights: bool) -> tuple[nn.Module, str]:
-    path = _lite0_weights(weights)
-    return _PreLogits(efficientnet_lite0_classifier(path)), _sha256_id(path)
+def _build_efficientnet_lite0(weights: str | None, random_weights: bool) -> nn.Module:
+    return _PreLogits(efficientnet_lite0_classifier(weights))
 
 
-def _build_resnet50(weights: str | None, random_weights: bool) -> tuple[nn.Module, str]:
+def _build_resnet50(weights: str | None, random_weights: bool) -> nn.Module:
     import torchvision
 
-    state, wid = _load_state(weights, random_weights, "resnet50")
+    state = _load_state(weights, random_weights, "resnet50")
     model = torchvision.models.resnet50(weights=None)
     if state is not None:
         model.load_state_dict(state)
     model.fc = nn.Identity()
-    return model, wid
+    return model
 
 
-def _build_clip_vit_b_32(weights: str | None, random_weights: bool) -> tuple[nn.Module, str]:
+def _build_clip_vit_b_32(weights: str | None, random_weights: bool) -> nn.Module:
     import open_clip
 
-    state, wid = _load_state(weights, random_weights, "clip-vit-b-32")
+    state = _load_state(weights, random_weights, "clip-vit-b-32")
     model = open_clip.create_model("ViT-B-32", pretrained=None)
     if state is not None:
         model.load_state_dict(state.get("state_dict", state))
-    return model.visual, wid
+    return model.visual
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -203,10 +209,10 @@ def create(
     if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
     spec = REGISTRY[name]
-    net, weights_id = spec.build(weights, random_weights)
+    net = spec.build(weights, random_weights)
     return Embedder(
         model_id=name,
-        weights_id=weights_id,
+        weights_id=_weights_id(name, weights, random_weights),
         net=net,
         dim=spec.dim,
         preprocess=Preprocess(size=spec.size, mode=preprocess_mode),
@@ -214,6 +220,22 @@ def create(
         std=spec.std,
         device=devices.torch_device(device),
     )
+
+
+def describe(
+    name: str,
+    weights: str | None = None,
+    random_weights: bool = False,
+    preprocess_mode: str = "pad",
+) -> dict:
+    """What `create(...).describe()` returns, without building the model."""
+    spec = REGISTRY[name]
+    return {
+        "model_id": name,
+        "weights": _weights_id(name, weights, random_weights),
+        "dim": spec.dim,
+        "preprocess": {"size": spec.size, "mode": preprocess_mode},
+    }
 
 
 def preprocess_for(name: str, preprocess_mode: str = "pad") -> Preprocess:

@@ -15,6 +15,9 @@ METRIC_TYPES = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 ID_BYTES = 8
 # Below this many vectors exact search is fast enough and needs no training.
 FLAT_MAX = 50_000
+REFINE_K_FACTOR = 4
+# Our parameter names -> faiss.ParameterSpace names.
+PARAM_NAMES = {"k_factor": "k_factor_rf"}
 
 
 def nlist_for(n: int) -> int:
@@ -26,27 +29,39 @@ def nlist_for(n: int) -> int:
     return max(16, nlist)
 
 
-def bytes_per_vector(factory: str, d: int) -> float:
-    """Approximate stored bytes per vector (codes + id) for the factories choose_factory makes."""
-    codec = factory.rsplit(",", 1)[-1]
-    if codec == "Flat":
-        return 4 * d + ID_BYTES
-    if codec == "SQ8":
-        return d + ID_BYTES
-    if codec == "SQ6":
-        return math.ceil(6 * d / 8) + ID_BYTES
+CODE_BITS = {"Flat": 32, "SQ8": 8, "SQ6": 6, "SQ4": 4}
+
+
+def _codec_bytes(codec: str, d: int) -> int:
+    if codec in CODE_BITS:
+        return math.ceil(CODE_BITS[codec] * d / 8)
+    if codec == "RFlat":
+        return 4 * d
+    if codec.startswith("Refine(") and codec.endswith(")"):
+        return _codec_bytes(codec[len("Refine(") : -1], d)
     if codec.startswith("PQ"):
         m, _, bits = codec[2:].partition("x")
-        nbits = int(bits.rstrip("fs") or 8)
-        return math.ceil(int(m) * nbits / 8) + ID_BYTES
-    raise ValueError(f"cannot size factory {factory!r}")
+        return math.ceil(int(m) * int(bits.removesuffix("fs") or 8) / 8)
+    raise ValueError(f"cannot size codec {codec!r}")
+
+
+def bytes_per_vector(factory: str, d: int) -> float:
+    """Approximate stored bytes per vector (codes, refine codes, ids) of choose_factory's types."""
+    parts = factory.split(",")
+    total = ID_BYTES * (2 if parts[0] == "IDMap" else 1)
+    codecs = [p for p in parts if not p.startswith(("IDMap", "IVF", "OPQ", "PCA"))]
+    if not codecs:
+        raise ValueError(f"cannot size factory {factory!r}")
+    return total + sum(_codec_bytes(c, d) for c in codecs)
 
 
 def choose_factory(n: int, d: int, memory_budget: int) -> str:
     """A FAISS factory string for n vectors of dimension d within memory_budget bytes.
 
-    Small catalogs get exact search; then IVF with the richest codec that fits the budget
-    (Flat, SQ8, SQ6), and for very large catalogs OPQ + IVF (HNSW coarse quantizer) + PQ.
+    Small catalogs get exact search. Larger ones get IVF with 4-bit fast-scan PQ codes (one
+    sub-quantizer per 4 dimensions) to shortlist candidates, re-ranked with the richest refine
+    codes that fit the budget (full floats, SQ8, SQ6); IVF lists get an HNSW coarse quantizer from
+    16,384 lists. Catalogs that fit none of these get OPQ + IVF + PQ.
     """
     if n <= 0 or d <= 0:
         raise ValueError(f"need n > 0 and d > 0, got n={n}, d={d}")
@@ -54,8 +69,12 @@ def choose_factory(n: int, d: int, memory_budget: int) -> str:
         return "Flat"
     nlist = nlist_for(n)
     quantizer = f"IVF{nlist}_HNSW32" if nlist >= 16384 else f"IVF{nlist}"
-    for codec in ("Flat", "SQ8", "SQ6"):
-        factory = f"{quantizer},{codec}"
+    candidates = []
+    if d % 4 == 0:
+        fast = f"IDMap,{quantizer},PQ{d // 4}x4fs"
+        candidates += [f"{fast},RFlat", f"{fast},Refine(SQ8)", f"{fast},Refine(SQ6)"]
+    candidates += [f"{quantizer},SQ8", f"{quantizer},SQ6"]
+    for factory in candidates:
         if n * bytes_per_vector(factory, d) <= memory_budget:
             return factory
     # PQ: the largest m (bytes per vector) that fits and divides the OPQ output dimension.
@@ -115,23 +134,75 @@ def param_grid(index: faiss.Index) -> list[dict]:
     if is_ivf(index):
         nlist = faiss.extract_index_ivf(index).nlist
         grid = [p for p in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)]
-        return [{"nprobe": p} for p in grid if p < nlist] + [{"nprobe": nlist}]
+        out = [{"nprobe": p} for p in grid if p < nlist] + [{"nprobe": nlist}]
+        if _refine(index) is not None:
+            # Re-ranking 4k candidates is cheap next to scanning lists: fixed, not tuned.
+            out = [{**p, "k_factor": REFINE_K_FACTOR} for p in out]
+        return out
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
     if isinstance(inner, faiss.IndexHNSW):
         return [{"efSearch": e} for e in (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)]
     return [{}]
 
 
+def _refine(index: faiss.Index) -> faiss.IndexRefine | None:
+    index = faiss.downcast_index(index)
+    while isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2 | faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    return index if isinstance(index, faiss.IndexRefine) else None
+
+
 def apply_params(index: faiss.Index, params: dict) -> None:
+    """Set search parameters on the index object itself (defaults for plain .search calls)."""
     ps = faiss.ParameterSpace()
     for name, value in params.items():
-        ps.set_index_parameter(index, name, value)
+        ps.set_index_parameter(index, PARAM_NAMES.get(name, name), value)
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int, params: dict):
-    """(scores (nq, k) float32, ids (nq, k) int64) with the given search parameters."""
-    apply_params(index, params)
-    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+def search(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    params: dict,
+    selector: faiss.IDSelector | None = None,
+    exhaustive: bool = False,
+):
+    """(scores (nq, k) float32, ids (nq, k) int64) with per-call parameters (thread-safe).
+
+    `exhaustive` probes every IVF list (used when a filtered search came back short). A selector
+    must name the ids the given index stores (for an IDMap-wrapped index, search its inner index
+    with row numbers: IDMap does not translate selectors through a Refine stage).
+    """
+    keep: list = []  # SWIG params hold raw pointers: keep their Python owners alive
+
+    def build(idx: faiss.Index) -> faiss.SearchParameters:
+        idx = faiss.downcast_index(idx)
+        if isinstance(idx, faiss.IndexIDMap | faiss.IndexIDMap2 | faiss.IndexPreTransform):
+            return build(idx.index)
+        if isinstance(idx, faiss.IndexRefine):
+            p = faiss.IndexRefineSearchParameters()
+            p.k_factor = float(params.get("k_factor", idx.k_factor))
+            p.base_index_params = build(idx.base_index)
+        elif is_ivf(idx):
+            p = faiss.SearchParametersIVF()
+            ivf = faiss.extract_index_ivf(idx)
+            p.nprobe = ivf.nlist if exhaustive else int(params.get("nprobe", ivf.nprobe))
+            if selector is not None:
+                p.sel = selector
+        elif isinstance(idx, faiss.IndexHNSW):
+            p = faiss.SearchParametersHNSW()
+            p.efSearch = max(int(params.get("efSearch", idx.hnsw.efSearch)), 1024 * exhaustive)
+            if selector is not None:
+                p.sel = selector
+        else:
+            p = faiss.SearchParameters()
+            if selector is not None:
+                p.sel = selector
+        keep.append(p)
+        return p
+
+    x = np.ascontiguousarray(queries, dtype=np.float32)
+    return index.search(x, k, params=build(index))
 
 
 def exact_topk(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, metric: str):

@@ -1,0 +1,138 @@
+"""The query path shared by the Serve app and in-process callers: shard search with category
+filters, docs lookup, and one result per product."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from visual_search import index
+from visual_search.search import merge_topk
+from visual_search.versions import Version
+
+# Oversampling rounds when several photos of one product crowd the top-k.
+MAX_WIDEN = 6
+
+
+class ShardIndex:
+    """One shard of one version, searchable by many threads at once (per-call parameters)."""
+
+    def __init__(self, version: Version, i: int, mmap: bool = True):
+        self.version = version.manifest.version
+        self.metric = version.manifest.metric
+        self.index = version.load_shard(i, mmap=mmap)
+        self.params = version.manifest.search_params
+        lo, hi = version.manifest.shards[i].id_range
+        # Filtered searches go to the index inside an IDMap with row numbers (ids are the
+        # contiguous range [lo, hi) in row order, checked here), since IDMap cannot translate a
+        # selector through a Refine stage.
+        self.inner, self.offset = self.index, 0
+        outer = faiss.downcast_index(self.index)
+        if isinstance(outer, faiss.IndexIDMap | faiss.IndexIDMap2):
+            if not np.array_equal(faiss.vector_to_array(outer.id_map), np.arange(lo, hi)):
+                raise ValueError(f"shard {i}: ids are not the contiguous range [{lo}, {hi})")
+            self.inner, self.offset = outer.index, lo
+        docs = version.read_docs(i)
+        self.by_category: dict[str, np.ndarray] = {}
+        if "category" in docs.column_names:
+            cats = docs["category"].cast(pa.string()).combine_chunks()
+            ids = docs["id"].to_numpy()
+            for cat in pc.unique(cats).to_pylist():
+                if cat is not None:
+                    mask = pc.equal(cats, cat).to_numpy(zero_copy_only=False)
+                    self.by_category[cat] = ids[mask]
+
+    def search(self, vectors: np.ndarray, k: int, category: str | None = None):
+        """(scores, ids) (nq, k); with a category, only its items, and as many as it has up to k
+        (an approximate search that comes back short is redone over every list)."""
+        if category is None:
+            return index.search(self.index, vectors, k, self.params)
+        members = self.by_category.get(category)
+        if members is None or not len(members):
+            worst = -np.inf if self.metric == "ip" else np.inf
+            n = len(vectors)
+            return np.full((n, k), worst, np.float32), np.full((n, k), -1, np.int64)
+        selector = faiss.IDSelectorBatch(members - self.offset)
+        scores, ids = index.search(self.inner, vectors, k, self.params, selector)
+        if (ids >= 0).sum(axis=1).min() < min(k, len(members)):
+            scores, ids = index.search(self.inner, vectors, k, self.params, selector, True)
+        return scores, np.where(ids >= 0, ids + self.offset, -1)
+
+    def reconstruct(self, gid: int) -> np.ndarray:
+        """The stored vector of a global id (decoded from the index codes)."""
+        if index.is_ivf(self.index):
+            ivf = faiss.extract_index_ivf(self.index)
+            if not ivf.direct_map.type:
+                ivf.make_direct_map()
+        return self.index.reconstruct(int(gid))
+
+
+@dataclass(frozen=True)
+class Docs:
+    """The docs of a whole version, one row per global id (ids are dense, row == id)."""
+
+    version: str
+    table: pa.Table
+
+    @classmethod
+    def load(cls, version: Version) -> Docs:
+        table = version.read_docs().sort_by("id").combine_chunks()
+        ids = table["id"].to_numpy()
+        if not np.array_equal(ids, np.arange(len(ids))):
+            raise ValueError(f"version {version.manifest.version}: docs ids are not dense")
+        return cls(version.manifest.version, table)
+
+    def ids_of(self, product_id: str) -> np.ndarray:
+        mask = pc.equal(self.table["product_id"], product_id)
+        return pc.indices_nonzero(mask).to_numpy().astype(np.int64)
+
+    def rows(self, ids: list[int]) -> list[dict]:
+        return self.table.take(pa.array(ids, pa.int64())).to_pylist()
+
+
+def best_per_product(
+    scores: np.ndarray, ids: np.ndarray, docs: Docs, k: int, exclude: str | None = None
+) -> list[tuple[int, float]]:
+    """One (id, score) per product, best photo first, from a merged sorted result row."""
+    out, seen = [], set()
+    pids = docs.table["product_id"]
+    for gid, score in zip(ids.tolist(), scores.tolist(), strict=True):
+        if gid < 0:
+            break
+        pid = pids[gid].as_py()
+        if pid in seen or pid == exclude:
+            continue
+        seen.add(pid)
+        out.append((gid, score))
+        if len(out) == k:
+            break
+    return out
+
+
+def results(docs: Docs, hits: list[tuple[int, float]]) -> list[dict]:
+    """Hits joined with their docs: product_id, score, image_uri, metadata."""
+    rows = docs.rows([gid for gid, _ in hits])
+    out = []
+    for (gid, score), row in zip(hits, rows, strict=True):
+        row = {key: value for key, value in row.items() if key != "id"}
+        out.append({"id": gid, "score": round(float(score), 6), **row})
+    return out
+
+
+async def widening_search(fan_out, metric: str, docs: Docs, k: int, exclude: str | None = None):
+    """Await fan_out(k') -> per-shard [(scores, ids)] with a growing k' until k distinct products
+    are found (or the index is exhausted); returns [(id, score)], best first."""
+    width = k + (1 if exclude else 0)
+    n = docs.table.num_rows
+    hits: list[tuple[int, float]] = []
+    for _ in range(MAX_WIDEN):
+        scores, ids = merge_topk(await fan_out(width), width, metric)
+        hits = best_per_product(scores[0], ids[0], docs, k, exclude)
+        if len(hits) >= k or (ids[0] < 0).any() or width >= n:
+            break
+        width = min(width * 4, n)
+    return hits

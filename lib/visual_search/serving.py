@@ -1,0 +1,347 @@
+"""Ray Serve deployments (Contract 4): FastAPI ingress, batching query embedder, shard searchers.
+
+The ingress decodes uploads (CPU, off the event loop), has the embedder batch concurrent queries,
+fans out to one searcher deployment per shard with asyncio.gather, merges with merge_topk and
+joins the docs. Every query pins one index version end to end, so a reload never mixes two.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the endpoint types at run time.
+import asyncio
+import hmac
+import logging
+import mimetypes
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from visual_search import embedders, images, query, storage, versions
+
+log = logging.getLogger("visual_search.serving")
+STATIC = Path(__file__).parent / "static"
+IMAGE_STATUS = {
+    "too_large": 413,
+    "not_an_image": 415,
+    "unsupported": 415,
+    "too_small": 422,
+    "truncated": 422,
+    "decode_error": 422,
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class ShardSearcher:
+    """One shard; keeps the two most recent versions it was asked for, loading them lazily."""
+
+    def __init__(self, index_root: str, shard: int, s3_endpoint: str | None, mmap: bool):
+        if s3_endpoint:
+            storage.configure(s3_endpoint)
+        self.index_root, self.shard, self.mmap = index_root, shard, mmap
+        self.loaded: OrderedDict[str, query.ShardIndex] = OrderedDict()
+        self.lock = asyncio.Lock()
+
+    async def _get(self, version: str) -> query.ShardIndex:
+        if version in self.loaded:
+            return self.loaded[version]
+        async with self.lock:
+            if version not in self.loaded:
+                v = versions.open_version(self.index_root, version)
+                self.loaded[version] = await asyncio.to_thread(
+                    query.ShardIndex, v, self.shard, self.mmap
+                )
+                while len(self.loaded) > 2:
+                    self.loaded.popitem(last=False)
+        return self.loaded[version]
+
+    async def prepare(self, version: str) -> int:
+        return (await self._get(version)).index.ntotal
+
+    async def search(self, version: str, vectors: np.ndarray, k: int, category: str | None):
+        shard = await self._get(version)
+        return await asyncio.to_thread(shard.search, vectors, k, category)
+
+    async def reconstruct(self, version: str, gid: int) -> np.ndarray:
+        shard = await self._get(version)
+        return await asyncio.to_thread(shard.reconstruct, gid)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class QueryEmbedder:
+    """The index's own model; batches concurrent queries into one forward pass."""
+
+    def __init__(self, model: dict, weights: str | None, device: str | None):
+        mode = model.get("preprocess", {}).get("mode", "pad")
+        self.embedder = embedders.create(model["model_id"], weights, device, preprocess_mode=mode)
+        if self.embedder.describe()["weights"] != model.get("weights"):
+            raise ValueError(
+                f"model weights {self.embedder.describe()['weights']} differ from the index's "
+                f"{model.get('weights')}: queries would not match the catalog vectors"
+            )
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def embed(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
+        vectors = await asyncio.to_thread(self.embedder.embed, np.stack(pixels))
+        return list(vectors)
+
+
+class _State:
+    """What one query needs, swapped as a whole on reload."""
+
+    def __init__(self, version: versions.Version, docs: query.Docs):
+        self.version = version
+        self.docs = docs
+        self.name = version.manifest.version
+
+
+app = FastAPI(title="visual_search", docs_url="/docs")
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.code, exc.message)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    return error_response(400, "bad_request", "; ".join(parts))
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+@serve.ingress(app)
+class Ingress:
+    def __init__(
+        self,
+        embedder,
+        shards: list,
+        index_root: str,
+        s3_endpoint: str | None,
+        max_upload_bytes: int,
+        max_inflight: int,
+        api_key_env: str,
+    ):
+        if s3_endpoint:
+            storage.configure(s3_endpoint)
+        self.embedder, self.shards = embedder, shards
+        self.index_root = index_root
+        self.max_upload_bytes = max_upload_bytes
+        self.max_inflight = max_inflight
+        self.api_key = os.environ.get(api_key_env) or None
+        self.inflight = 0
+        self.reload_lock = asyncio.Lock()
+        self.state = self._load(versions.open_version(index_root))
+        self.preprocess = embedders.preprocess_for(
+            self.state.version.manifest.model["model_id"],
+            self.state.version.manifest.model.get("preprocess", {}).get("mode", "pad"),
+        )
+        self.limits = images.Limits(max_bytes=max_upload_bytes)
+
+    def _load(self, version: versions.Version) -> _State:
+        if len(version.manifest.shards) != len(self.shards):
+            raise ApiError(
+                409,
+                "incompatible_version",
+                f"version {version.manifest.version} has {len(version.manifest.shards)} shards, "
+                f"the app serves {len(self.shards)}: redeploy with the new shard count",
+            )
+        return _State(version, query.Docs.load(version))
+
+    # --- helpers -------------------------------------------------------------------------
+
+    async def _admit(self):
+        if self.inflight >= self.max_inflight:
+            raise ApiError(503, "overloaded", "too many requests in flight; retry shortly")
+        self.inflight += 1
+
+    async def _read_upload(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_upload_bytes + 65536:
+            raise ApiError(413, "too_large", f"upload over {self.max_upload_bytes} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_upload_bytes + 65536:
+                raise ApiError(413, "too_large", f"upload over {self.max_upload_bytes} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            request._body = body  # let starlette parse the multipart body we already read
+            try:
+                form = await request.form()
+            except Exception as exc:
+                raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from exc
+            field = form.get("image")
+            if field is None or isinstance(field, str):
+                raise ApiError(400, "bad_request", "multipart body needs a file field 'image'")
+            body = await field.read()
+        if not body:
+            raise ApiError(400, "bad_request", "empty body: send an image")
+        if len(body) > self.max_upload_bytes:
+            raise ApiError(413, "too_large", f"image over {self.max_upload_bytes} bytes")
+        return body
+
+    async def _embed(self, data: bytes) -> np.ndarray:
+        try:
+            pixels = await asyncio.to_thread(images.load, data, self.preprocess, self.limits)
+        except images.ImageError as exc:
+            raise ApiError(IMAGE_STATUS.get(exc.code, 422), exc.code, exc.detail) from exc
+        vector = await self.embedder.embed.remote(pixels)
+        return np.asarray(vector, np.float32)[None]
+
+    async def _search(self, state: _State, vector, k, category, exclude=None) -> list[dict]:
+        async def fan_out(width: int):
+            calls = [s.search.remote(state.name, vector, width, category) for s in self.shards]
+            return await asyncio.gather(*calls)
+
+        metric = state.version.manifest.metric
+        hits = await query.widening_search(fan_out, metric, state.docs, k, exclude)
+        out = query.results(state.docs, hits)
+        for row in out:
+            row["image_url"] = f"/products/{row['product_id']}/image?id={row['id']}"
+        return out
+
+    def _answer(self, state: _State, results: list[dict], started: float) -> dict:
+        took = (asyncio.get_running_loop().time() - started) * 1000
+        return {
+            "results": results,
+            "index_version": state.name,
+            "took_ms": round(took, 2),
+            "partial": False,
+        }
+
+    # --- endpoints ------------------------------------------------------------------------
+
+    @app.post("/search")
+    async def search(
+        self,
+        request: Request,
+        k: int = Query(10, ge=1, le=100),
+        category: str | None = Query(None, min_length=1, max_length=200),
+    ) -> dict:
+        started = asyncio.get_running_loop().time()
+        await self._admit()
+        try:
+            state = self.state
+            data = await self._read_upload(request)
+            vector = await self._embed(data)
+            results = await self._search(state, vector, k, category)
+            return self._answer(state, results, started)
+        finally:
+            self.inflight -= 1
+
+    @app.get("/products/{product_id:path}/similar")
+    async def similar(
+        self,
+        product_id: str,
+        k: int = Query(10, ge=1, le=100),
+        category: str | None = Query(None, min_length=1, max_length=200),
+    ) -> dict:
+        started = asyncio.get_running_loop().time()
+        await self._admit()
+        try:
+            state = self.state
+            gid = self._first_id(state, product_id)
+            shard = self._shard_of(state, gid)
+            vector = await self.shards[shard].reconstruct.remote(state.name, gid)
+            vector = np.asarray(vector, np.float32)[None]
+            results = await self._search(state, vector, k, category, exclude=product_id)
+            return self._answer(state, results, started)
+        finally:
+            self.inflight -= 1
+
+    @app.get("/products/{product_id:path}/image")
+    async def product_image(self, product_id: str, id: int | None = None) -> Response:
+        state = self.state
+        ids = state.docs.ids_of(product_id)
+        if not len(ids) or (id is not None and id not in set(ids.tolist())):
+            raise ApiError(404, "not_found", f"no image {id} for product {product_id!r}")
+        uri = state.docs.rows([int(id if id is not None else ids[0])])[0]["image_uri"]
+        try:
+            data = await asyncio.to_thread(storage.read_bytes, uri, 64 << 20)
+        except storage.StorageError as exc:
+            raise ApiError(404, "not_found", f"image of {product_id!r} is unavailable") from exc
+        media = mimetypes.guess_type(uri)[0] or "application/octet-stream"
+        return Response(data, media_type=media, headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> dict:
+        return {"status": "ready", "index_version": self.state.name}
+
+    @app.get("/version")
+    async def version(self) -> dict:
+        m = self.state.version.manifest
+        return {
+            "index_version": m.version,
+            "model": m.model,
+            "built_unix": m.created_unix,
+            "count": m.count,
+            "factory": m.factory,
+            "search_params": m.search_params,
+            "shards": len(m.shards),
+            "recall": {k: v for k, v in m.recall.items() if k != "curve"},
+        }
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse((STATIC / "index.html").read_text())
+
+    @app.post("/admin/reload")
+    async def reload(self, request: Request) -> dict:
+        if self.api_key:
+            given = request.headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                raise ApiError(401, "unauthorized", "missing or wrong X-API-Key")
+        async with self.reload_lock:
+            previous = self.state.name
+            target = versions.current(self.index_root)
+            if target is None or target == previous:
+                return {"status": "unchanged", "index_version": previous}
+            version = versions.open_version(self.index_root, target)
+            if version.manifest.model != self.state.version.manifest.model:
+                raise ApiError(
+                    409, "incompatible_version", "the new version uses another model: redeploy"
+                )
+            # Warm every shard before switching, so no query waits on a load.
+            await asyncio.gather(*(s.prepare.remote(target) for s in self.shards))
+            self.state = await asyncio.to_thread(self._load, version)
+            log.info("reloaded index %s -> %s", previous, target)
+            return {"status": "reloaded", "index_version": target, "previous": previous}
+
+    def _first_id(self, state: _State, product_id: str) -> int:
+        ids = state.docs.ids_of(product_id)
+        if not len(ids):
+            raise ApiError(404, "unknown_product", f"no product {product_id!r} in the index")
+        return int(ids[0])
+
+    def _shard_of(self, state: _State, gid: int) -> int:
+        for i, rec in enumerate(state.version.manifest.shards):
+            lo, hi = rec.id_range
+            if lo <= gid < hi:
+                return i
+        raise ApiError(404, "unknown_product", f"id {gid} is in no shard")

@@ -1,0 +1,62 @@
+"""The Serve application builder.
+
+serve run serve.app:build_app index_root=URI [shard_replicas=N] ...
+serve run serve/config.yaml      |      serve deploy serve/config.yaml
+"""
+
+# No `from __future__ import annotations`: Serve reads build_app's type hint at run time to
+# turn the CLI/YAML args into AppArgs.
+from pydantic import BaseModel, Field
+from ray.serve import Application
+
+from visual_search import storage, versions
+from visual_search.serving import Ingress, QueryEmbedder, ShardSearcher
+
+
+class AppArgs(BaseModel):
+    index_root: str = Field(description="index root URI holding CURRENT and versions/")
+    s3_endpoint: str | None = None
+    weights: str | None = Field(None, description="model weights URI (models other than lite0)")
+    device: str | None = None
+    shard_replicas: int = Field(1, ge=1)
+    embedder_replicas: int = Field(1, ge=1)
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_inflight: int = Field(64, ge=1, description="requests in flight before 503")
+    api_key_env: str = "VISUAL_SEARCH_API_KEY"
+    mmap: bool = True
+    # Logical CPUs reserved per replica (Ray scheduling only; FAISS and torch use what is free).
+    ingress_cpus: float = Field(0.25, ge=0)
+    embedder_cpus: float = Field(1.0, ge=0)
+    shard_cpus: float = Field(0.25, ge=0)
+
+
+def build_app(args: AppArgs) -> Application:
+    """Ingress -> QueryEmbedder + one ShardSearcher deployment per shard of the CURRENT version."""
+    if args.s3_endpoint:
+        storage.configure(args.s3_endpoint)
+    index_root = storage.normalize(args.index_root)
+    manifest = versions.open_version(index_root).manifest
+    shards = [
+        ShardSearcher.options(
+            name=f"ShardSearcher-{i}",
+            num_replicas=args.shard_replicas,
+            ray_actor_options={"num_cpus": args.shard_cpus},
+        ).bind(index_root, i, args.s3_endpoint, args.mmap)
+        for i in range(len(manifest.shards))
+    ]
+    embedder = QueryEmbedder.options(
+        num_replicas=args.embedder_replicas, ray_actor_options={"num_cpus": args.embedder_cpus}
+    ).bind(manifest.model, args.weights, args.device)
+    return Ingress.options(
+        max_ongoing_requests=args.max_inflight + 16,
+        max_queued_requests=4 * args.max_inflight,
+        ray_actor_options={"num_cpus": args.ingress_cpus},
+    ).bind(
+        embedder,
+        shards,
+        index_root,
+        args.s3_endpoint,
+        args.max_upload_bytes,
+        args.max_inflight,
+        args.api_key_env,
+    )
