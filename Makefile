@@ -6,6 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_IMAGES ?= 1000
+DEMO_PORT ?= 8000
+# DEMO_SERVE_ARGS=--once stops the service after the sample query.
+DEMO_SERVE_ARGS ?=
 DEMO_DIR = .cache/demo-$(DEMO_IMAGES)
 
 .PHONY: install demo test lint format bench-embed clean
@@ -22,8 +25,10 @@ demo: install
 	$(BIN)/python -m visual_search.sample --cache .cache --out $(DEMO_DIR)/catalog.parquet --limit $(DEMO_IMAGES)
 	$(BIN)/python jobs/reindex.py --catalog $(DEMO_DIR)/catalog.parquet \
 		--work $(DEMO_DIR)/embeddings --index-root $(DEMO_DIR)/index --shards 2
+	$(BIN)/python -m serve.demo --index-root $(DEMO_DIR)/index --port $(DEMO_PORT) $(DEMO_SERVE_ARGS)
 
 test: install
+	sh scripts/install_browser.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q

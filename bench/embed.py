@@ -72,12 +72,14 @@ def measure_job(catalog_uri: str, work: str, **overrides) -> dict:
     return manifest.timings
 
 
-def _tree_pss(root: psutil.Process) -> int:
-    total = 0
+def _tree_pss(root: psutil.Process) -> tuple[int, dict[str, int]]:
+    """PSS of a process tree, in total and by process name (Ray names its workers)."""
+    by_name: dict[str, int] = {}
     for p in [root, *root.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            total += p.memory_full_info().pss
-    return total
+            name = p.name()
+            by_name[name] = by_name.get(name, 0) + p.memory_full_info().pss
+    return sum(by_name.values()), by_name
 
 
 def measure_memory(catalog_uri: str, work: str) -> dict:
@@ -89,16 +91,24 @@ def measure_memory(catalog_uri: str, work: str) -> dict:
             [*cmd, "--out", work, "--overwrite"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
         root = psutil.Process(proc.pid)
-        peak, t0 = 0, time.time()
+        peak, at_peak, t0 = 0, {}, time.time()
         while proc.poll() is None:
-            peak = max(peak, _tree_pss(root))
+            total, by_name = _tree_pss(root)
+            if total > peak:
+                peak, at_peak = total, by_name
             time.sleep(0.5)
         log.seek(0)
         lines = log.read().splitlines()
     if proc.returncode != 0:
         raise RuntimeError("embed job failed:\n" + "\n".join(lines[-30:]))
     summary = next((ln for ln in reversed(lines) if ln.startswith("[embed] done")), "")
-    return {"peak_pss_bytes": peak, "wall_s": round(time.time() - t0, 1), "summary": summary}
+    top = sorted(at_peak.items(), key=lambda kv: -kv[1])[:8]
+    return {
+        "peak_pss_bytes": peak,
+        "peak_by_process_mib": {name: round(b / 2**20) for name, b in top},
+        "wall_s": round(time.time() - t0, 1),
+        "summary": summary,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,7 @@ class Config:
     s3_endpoint: str | None = None
     overwrite: bool = False
     progress_every_s: float = 10.0
-    # Object store bytes the pipeline may hold in flight (None: 16 batches per actor, >= 256 MiB).
+    # Object store bytes the pipeline may hold in flight (None: 8 batches per actor, >= 128 MiB).
     # Bounded so that fast decoding cannot run ahead of the model by the size of the catalog.
     inflight_bytes: int | None = None
 
@@ -209,7 +209,7 @@ def _stream(cfg: Config, cat: catalog.Catalog, todo_rows: pa.Array, dim: int):
         flush=True,
     )
     size = embedders.preprocess_for(cfg.model, cfg.preprocess).size
-    inflight = cfg.inflight_bytes or max(256 << 20, concurrency * cfg.batch_size * 16 * size**2 * 3)
+    inflight = cfg.inflight_bytes or max(128 << 20, concurrency * cfg.batch_size * 8 * size**2 * 3)
     ctx = ray.data.DataContext.get_current()
     saved_limits = ctx.execution_options.resource_limits
     ctx.execution_options.resource_limits = saved_limits.copy(object_store_memory=inflight)

@@ -1,0 +1,54 @@
+"""Start the app on an index, answer one sample query on the console, then keep serving.
+
+python -m serve.demo --index-root DIR [--query IMAGE] [--port 8000] [--once]
+"""
+
+import argparse
+import sys
+import time
+
+import requests
+from ray import serve
+
+from serve.app import AppArgs, build_app
+from visual_search import storage, versions
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--index-root", required=True)
+    p.add_argument("--query", help="image URI to search with (default: a catalog photo)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--once", action="store_true", help="stop after the sample query")
+    args = p.parse_args(argv)
+
+    import ray
+
+    ray.init()
+    serve.start(http_options={"host": args.host, "port": args.port})
+    root = storage.normalize(args.index_root)
+    serve.run(build_app(AppArgs(index_root=root)), name="visual_search", route_prefix="/")
+    url = f"http://{args.host}:{args.port}"
+    query = args.query or versions.open_version(root).read_docs(0)["image_uri"][0].as_py()
+    data = storage.read_bytes(query)
+    answer = requests.post(f"{url}/search?k=5", data=data, timeout=60).json()
+    print(f"[demo] sample query {query} -> index {answer['index_version']}:", flush=True)
+    for i, r in enumerate(answer["results"], 1):
+        title = r.get("title") or ""
+        print(f"[demo]   {i}. {r['product_id']:<50} {title[:30]:<30} {r['score']:.3f}")
+    print(f"[demo] took {answer['took_ms']} ms. Open {url}/ to search by photo.", flush=True)
+    if args.once:
+        serve.shutdown()
+        return 0
+    print("[demo] serving; press Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

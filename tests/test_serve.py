@@ -1,0 +1,625 @@
+"""The Ray Serve app end to end over HTTP (Contract 4), on one local Ray + Serve per module.
+
+A tiny generated catalog (40 products, one with two photos, a rare category of 3) is embedded
+with jobs/embed.py and indexed in 2 shards with jobs/build_index.py; the app from serve/app.py
+then answers on 127.0.0.1. Covered: search by upload (multipart and raw body), one result per
+product, k and category handling, similar products, product images, every error status with
+its JSON body, garbage input never giving a 500, deterministic overload (503), health and
+version endpoints, a hot reload to a new version with zero failed queries, and the web page.
+
+Logical CPU reservations: build_index's tasks ask for 1 CPU each, so the Serve replicas here
+reserve 0.9 of the 2 logical CPUs in all, which leaves room to build the second version
+while the app is serving it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+import select
+import socket
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import requests
+from conftest import draw_product
+from PIL import Image
+
+from jobs import build_index, embed
+from visual_search import versions
+
+API_KEY = "test-key"
+KEY_ENV = "VISUAL_SEARCH_API_KEY"
+N_PRODUCTS = 40
+RARE = ("p037", "p038", "p039")
+TWO_PHOTOS = "p000"
+SIZE = (160, 120)
+MAX_UPLOAD = 300_000
+MAX_INFLIGHT = 4
+SHARDS = 2
+TIMEOUT = 60  # seconds per HTTP request
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make_catalog(root) -> dict[str, bytes]:
+    """Images + catalog.parquet under root; returns {image file name: bytes}."""
+    rows, files = [], {}
+    for i in range(N_PRODUCTS):
+        pid = f"p{i:03d}"
+        name = f"{pid}.png" if i % 5 == 4 else f"{pid}.jpg"
+        img = draw_product(i, SIZE)
+        if name.endswith(".png"):
+            img.save(root / name)
+        else:
+            img.save(root / name, quality=95)
+        files[name] = (root / name).read_bytes()
+        rows.append(
+            {
+                "product_id": pid,
+                "image_uri": name,
+                "title": f"Product {i}",
+                "category": "rare" if pid in RARE else "common",
+            }
+        )
+    # A second photo of one product.
+    draw_product(1000, SIZE).save(root / "p000-back.jpg", quality=95)
+    files["p000-back.jpg"] = (root / "p000-back.jpg").read_bytes()
+    rows.append(
+        {
+            "product_id": TWO_PHOTOS,
+            "image_uri": "p000-back.jpg",
+            "title": "Product 0",
+            "category": "common",
+        }
+    )
+    pq.write_table(pa.Table.from_pylist(rows), root / "catalog.parquet")
+    return files
+
+
+class Service:
+    def __init__(self, base: str, port: int, index_root: str, work: str, files, first_version):
+        self.base, self.port = base, port
+        self.index_root, self.work = index_root, work
+        self.files = files
+        self.first_version = first_version
+        self.session = requests.Session()
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return self.session.get(self.base + path, timeout=TIMEOUT, **kw)
+
+    def post(self, path: str, **kw) -> requests.Response:
+        return self.session.post(self.base + path, timeout=TIMEOUT, **kw)
+
+    def request(self, method: str, path: str, **kw) -> requests.Response:
+        return self.session.request(method, self.base + path, timeout=TIMEOUT, **kw)
+
+    def search(self, data: bytes, session: requests.Session | None = None, **params):
+        return (session or self.session).post(
+            self.base + "/search",
+            data=data,
+            params=params,
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=TIMEOUT,
+        )
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from serve.app import AppArgs, build_app
+
+    root = tmp_path_factory.mktemp("serve_catalog")
+    files = _make_catalog(root)
+    work = str(tmp_path_factory.mktemp("serve_work") / "emb")
+    index_root = str(tmp_path_factory.mktemp("serve_index"))
+
+    previous_key = os.environ.get(KEY_ENV)
+    os.environ[KEY_ENV] = API_KEY  # before ray.init: the replicas inherit the environment
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        embed.run(embed.Config(catalog=str(root / "catalog.parquet"), out=work, batch_size=16))
+        manifest = build_index.run(
+            build_index.Config(embeddings=work, index_root=index_root, shards=SHARDS)
+        )
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(
+            build_app(
+                AppArgs(
+                    index_root=index_root,
+                    max_upload_bytes=MAX_UPLOAD,
+                    max_inflight=MAX_INFLIGHT,
+                    embedder_cpus=0.5,
+                    shard_cpus=0.1,
+                    ingress_cpus=0.1,
+                )
+            ),
+            name="vs",
+            route_prefix="/",
+        )
+        service = Service(
+            f"http://127.0.0.1:{port}", port, index_root, work, files, manifest.version
+        )
+        yield service
+        service.session.close()
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            if previous_key is None:
+                os.environ.pop(KEY_ENV, None)
+            else:
+                os.environ[KEY_ENV] = previous_key
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def assert_error(r: requests.Response, status: int, code: str | tuple[str, ...] | None = None):
+    assert r.status_code == status, (r.status_code, r.text[:500])
+    assert r.headers.get("content-type", "").startswith("application/json"), r.headers
+    body = r.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"code", "message"}, body
+    assert isinstance(body["error"]["code"], str) and body["error"]["code"]
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if code is not None:
+        codes = (code,) if isinstance(code, str) else code
+        assert body["error"]["code"] in codes, body
+    return body["error"]
+
+
+def assert_answer(r: requests.Response) -> dict:
+    assert r.status_code == 200, (r.status_code, r.text[:500])
+    body = r.json()
+    assert set(body) >= {"results", "index_version", "took_ms", "partial"}, body
+    assert body["partial"] is False
+    assert isinstance(body["index_version"], str) and body["index_version"]
+    assert isinstance(body["took_ms"], int | float) and body["took_ms"] >= 0
+    for row in body["results"]:
+        assert set(row) >= {"product_id", "score", "image_uri", "title", "category", "image_url"}
+        assert isinstance(row["score"], float)
+    scores = [row["score"] for row in body["results"]]
+    assert scores == sorted(scores, reverse=True), scores
+    return body
+
+
+def pids(body: dict) -> list[str]:
+    return [row["product_id"] for row in body["results"]]
+
+
+def jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def rotated_cropped(data: bytes, degrees: float) -> bytes:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    img = img.rotate(degrees, expand=True, fillcolor="white", resample=Image.BICUBIC)
+    w, h = img.size
+    cw, ch = int(w * 0.85), int(h * 0.85)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return jpeg(img.crop((left, top, left + cw, top + ch)))
+
+
+def raw_exchange(port: int, payload: bytes, timeout: float = 30) -> bytes:
+    """Send raw bytes; return the server's first answer (head and body, at most 64 KiB)."""
+    buf = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        for _ in range(64):
+            try:
+                chunk = s.recv(4096)
+            except (ConnectionResetError, TimeoutError):
+                break
+            buf += chunk
+            head, sep, body = buf.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            if not chunk or (sep and length and len(body) >= int(length.group(1))):
+                break
+            if len(buf) > 65536:
+                break
+    return buf
+
+
+def poll(check, timeout: float, interval: float = 0.2, attempts: int = 200):
+    """Call check() until it returns a truthy value (bounded in time and count)."""
+    deadline = time.monotonic() + timeout
+    value = None
+    for _ in range(attempts):
+        value = check()
+        if value or time.monotonic() > deadline:
+            break
+        time.sleep(interval)
+    return value
+
+
+# ---------------------------------------------------------------------------------- search
+
+
+def test_search_multipart_and_raw_body_find_the_product(svc):
+    data = svc.files["p007.jpg"]
+    multipart = assert_answer(
+        svc.post("/search", files={"image": ("query.jpg", data, "image/jpeg")})
+    )
+    raw = assert_answer(svc.search(data))
+    for body in (multipart, raw):
+        assert pids(body)[0] == "p007"
+        assert len(body["results"]) == 10  # k defaults to 10
+        top = body["results"][0]
+        assert top["score"] > 0.99
+        assert top["title"] == "Product 7"
+        assert top["category"] == "common"
+        assert top["image_uri"].endswith("p007.jpg")
+        assert top["image_url"].startswith("/products/p007/image")
+        assert body["index_version"] == svc.first_version
+    assert pids(multipart) == pids(raw)
+    # A PNG catalog photo, too.
+    assert pids(assert_answer(svc.search(svc.files["p014.png"])))[0] == "p014"
+
+
+def test_rotated_and_cropped_copy_is_in_top_3(svc):
+    for name, pid, degrees in (("p003.jpg", "p003", 12), ("p021.jpg", "p021", -14)):
+        body = assert_answer(svc.search(rotated_cropped(svc.files[name], degrees), k=3))
+        assert pid in pids(body), (pid, body["results"])
+
+
+def test_one_result_per_product(svc):
+    # Both photos of p000 are in the index; it must appear once, with its best photo.
+    for photo in ("p000.jpg", "p000-back.jpg"):
+        body = assert_answer(svc.search(svc.files[photo], k=40))
+        ids = pids(body)
+        assert ids[0] == TWO_PHOTOS
+        assert len(ids) == len(set(ids)) == N_PRODUCTS
+        assert ids.count(TWO_PHOTOS) == 1
+        assert body["results"][0]["image_uri"].endswith(photo)
+    # k above the number of products: every product once.
+    body = assert_answer(svc.search(svc.files["p001.jpg"], k=100))
+    assert sorted(pids(body)) == [f"p{i:03d}" for i in range(N_PRODUCTS)]
+
+
+@pytest.mark.parametrize("k", ["0", "101", "abc", "-1", "2.5"])
+def test_bad_k_is_400(svc, k):
+    assert_error(svc.search(svc.files["p001.jpg"], k=k), 400, "bad_request")
+
+
+def test_category_filter(svc):
+    query = svc.files["p002.jpg"]  # a common product: the rare ones are not its neighbours
+    body = assert_answer(svc.search(query, k=3, category="rare"))
+    assert sorted(pids(body)) == list(RARE)
+    assert all(row["category"] == "rare" for row in body["results"])
+    body = assert_answer(svc.search(query, k=10, category="rare"))
+    assert sorted(pids(body)) == list(RARE)  # all it has
+    body = assert_answer(svc.search(svc.files["p038.jpg"], k=2, category="rare"))
+    assert pids(body)[0] == "p038" and len(body["results"]) == 2
+    body = assert_answer(svc.search(query, k=5, category="common"))
+    assert len(body["results"]) == 5 and all(r["category"] == "common" for r in body["results"])
+    body = assert_answer(svc.search(query, category="no-such-category"))
+    assert body["results"] == []
+
+
+# -------------------------------------------------------------------------------- products
+
+
+def test_similar_products(svc):
+    body = assert_answer(svc.get("/products/p010/similar", params={"k": 5}))
+    assert len(body["results"]) == 5
+    assert "p010" not in pids(body)
+    assert len(set(pids(body))) == 5
+    # The product with two photos is excluded with both of them.
+    body = assert_answer(svc.get(f"/products/{TWO_PHOTOS}/similar", params={"k": 40}))
+    assert TWO_PHOTOS not in pids(body)
+    assert len(body["results"]) == N_PRODUCTS - 1
+    body = assert_answer(svc.get("/products/p037/similar", params={"k": 5, "category": "rare"}))
+    assert sorted(pids(body)) == ["p038", "p039"]
+    assert_error(svc.get("/products/nope/similar", params={"k": 5}), 404, "unknown_product")
+    assert_error(svc.get("/products/p010/similar", params={"k": 0}), 400, "bad_request")
+
+
+def test_product_image(svc):
+    r = svc.get("/products/p005/image")
+    assert r.status_code == 200, r.text[:300]
+    assert r.headers["content-type"].startswith("image/")
+    assert r.content == svc.files["p005.jpg"]
+    assert Image.open(io.BytesIO(r.content)).size == SIZE
+    # The image_url of a result points at that very photo.
+    body = assert_answer(svc.search(svc.files["p000-back.jpg"], k=1))
+    r = svc.get(body["results"][0]["image_url"])
+    assert r.status_code == 200
+    assert r.content == svc.files["p000-back.jpg"]
+    assert_error(svc.get("/products/nope/image"), 404)
+    assert_error(svc.get("/products/p005/image", params={"id": 999999}), 404)
+    other = assert_answer(svc.search(svc.files["p001.jpg"], k=1))["results"][0]["id"]
+    assert_error(svc.get("/products/p005/image", params={"id": other}), 404)  # p001's photo
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+def test_too_large_is_413(svc):
+    big = random.Random(0).randbytes(MAX_UPLOAD + 20_000)
+    assert_error(svc.search(big), 413, "too_large")
+    files = {"image": ("big.jpg", big, "image/jpeg")}
+    assert_error(svc.post("/search", files=files), 413, "too_large")
+    # A declared length far over the limit is refused before the body is read.
+    answer = raw_exchange(
+        svc.port,
+        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+        b"Content-Length: 50000000\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"code":"too_large"' in answer, answer[:500]
+
+
+def test_not_an_image_is_415(svc):
+    r = svc.post(
+        "/search", data=b"hello, this is not a photo", headers={"Content-Type": "text/plain"}
+    )
+    assert_error(r, 415, "not_an_image")
+    html = b"<!doctype html><html><body><img src=x onerror=alert(1)></body></html>"
+    r = svc.post("/search", files={"image": ("page.html", html, "text/html")})
+    assert_error(r, 415, "not_an_image")
+
+
+def test_unusable_images_are_422(svc):
+    assert_error(svc.search(png(Image.new("RGB", (1, 1), "red"))), 422, "too_small")
+    truncated = svc.files["p011.jpg"][: len(svc.files["p011.jpg"]) // 2]
+    assert_error(svc.search(truncated), 422, ("truncated", "decode_error"))
+    r = svc.post("/search", files={"image": ("t.jpg", truncated, "image/jpeg")})
+    assert_error(r, 422, ("truncated", "decode_error"))
+
+
+def test_malformed_requests_are_400(svc):
+    assert_error(svc.search(b""), 400, "bad_request")
+    r = svc.post("/search", files={"photo": ("q.jpg", svc.files["p001.jpg"], "image/jpeg")})
+    assert_error(r, 400, "bad_request")
+    r = svc.post("/search", files={"image": (None, "just text")})  # a text field, not a file
+    assert_error(r, 400, "bad_request")
+    r = svc.post("/search", files={"image": ("empty.jpg", b"", "image/jpeg")})
+    assert_error(r, 400, "bad_request")
+
+
+def test_unknown_route_is_404_json(svc):
+    assert_error(svc.get("/no/such/route"), 404, "not_found")
+    assert_error(svc.post("/searchx", data=b"x"), 404, "not_found")
+
+
+def test_garbage_never_gives_500_nor_takes_the_replica_down(svc):
+    from ray import serve
+
+    rng = random.Random(42)
+    good = svc.files["p008.jpg"]
+    multipart = {"Content-Type": "multipart/form-data; boundary=XyZ"}
+    cases = [
+        ("POST", "/search", {"data": rng.randbytes(5000)}),
+        ("POST", "/search", {"data": b"\x89PNG\r\n\x1a\n" + rng.randbytes(3000)}),
+        ("POST", "/search", {"data": good[:20] + rng.randbytes(2000)}),
+        ("POST", "/search", {"data": rng.randbytes(4000), "headers": multipart}),
+        (
+            "POST",
+            "/search",
+            {"data": b"--XyZ\r\nContent-Disposition: form-data\r\n\r\n", "headers": multipart},
+        ),
+        (
+            "POST",
+            "/search",
+            {"data": b"abc", "headers": {"Content-Type": "multipart/form-data"}},
+        ),
+        (
+            "POST",
+            "/search",
+            {"data": rng.randbytes(1000), "headers": {"X-Padding": "a" * 8000}},
+        ),
+        ("POST", "/search?k=99999999999999999999999", {"data": good}),
+        ("POST", "/search?category=" + "c" * 300, {"data": good}),
+        ("GET", "/search", {}),
+        ("PUT", "/healthz", {"data": b"x"}),
+        ("DELETE", "/products/p001/similar", {}),
+        ("GET", "/products/%00%ff%fe/similar", {}),
+        ("GET", "/products/p001/image?id=abc", {}),
+        ("GET", "/products/p001/image?id=-5", {}),
+        ("POST", "/admin/reload", {"headers": {"X-API-Key": "\u00e9" * 10}}),
+    ]
+    started = time.monotonic()
+    for method, path, kw in cases:
+        r = svc.request(method, path, **kw)
+        assert 400 <= r.status_code < 500, (method, path, r.status_code, r.text[:300])
+        assert_error(r, r.status_code)
+        assert time.monotonic() - started < 120
+    # Not even HTTP.
+    answer = raw_exchange(svc.port, b"\x16\x03\x01garbage that is not http\r\n\r\n", timeout=10)
+    assert not answer.startswith(b"HTTP/1.1 5"), answer[:200]
+    # Still up: same replicas, healthy, answering.
+    r = svc.get("/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert pids(assert_answer(svc.search(good)))[0] == "p008"
+    app = serve.status().applications["vs"]
+    assert app.status == "RUNNING", app
+    for name, dep in app.deployments.items():
+        assert dep.status == "HEALTHY", (name, dep)
+        assert set(dep.replica_states) == {"RUNNING"}, (name, dep.replica_states)
+
+
+# ------------------------------------------------------------------------------ endpoints
+
+
+def test_health_ready_version(svc):
+    r = svc.get("/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    r = svc.get("/readyz")
+    assert r.status_code == 200
+    live = r.json()["index_version"]
+    assert live == versions.current(svc.index_root)
+    r = svc.get("/version")
+    assert r.status_code == 200
+    body = r.json()
+    manifest = versions.open_version(svc.index_root, live).manifest
+    assert body["index_version"] == live
+    assert body["model"]["model_id"] == manifest.model["model_id"]
+    assert body["count"] == N_PRODUCTS + 1 == manifest.count
+    assert body["factory"] == manifest.factory
+    assert body["shards"] == SHARDS
+    assert "recall_at_10" in body["recall"] and "curve" not in body["recall"]
+
+
+def test_web_page(svc):
+    r = svc.get("/")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/html")
+    assert "<input" in r.text and 'type="file"' in r.text
+
+
+# ------------------------------------------------------------------------------ hot reload
+
+
+def test_hot_reload_with_zero_failed_queries(svc):
+    old = svc.get("/readyz").json()["index_version"]
+    manifest = build_index.run(
+        build_index.Config(
+            embeddings=svc.work, index_root=svc.index_root, shards=SHARDS, factory="IVF4,Flat"
+        )
+    )
+    new = manifest.version
+    assert new != old and versions.current(svc.index_root) == new
+    assert svc.get("/readyz").json()["index_version"] == old  # nothing moves before a reload
+
+    seen: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+    query = svc.files["p012.jpg"]
+
+    def loop():
+        deadline = time.monotonic() + 20
+        with requests.Session() as session:
+            for _ in range(300):
+                if stop.is_set() or time.monotonic() > deadline:
+                    return
+                try:
+                    r = svc.search(query, session=session, k=5)
+                    body = r.json() if r.status_code == 200 else {}
+                    if r.status_code == 200 and pids(body)[:1] != ["p012"]:
+                        seen.append((-1, body.get("index_version")))
+                    else:
+                        seen.append((r.status_code, body.get("index_version")))
+                except Exception as exc:  # a transport error counts as a failed query
+                    seen.append((-2, repr(exc)))
+
+    client = threading.Thread(target=loop, daemon=True)
+    client.start()
+    try:
+        assert poll(lambda: len(seen) >= 3, timeout=15), seen
+        assert_error(svc.post("/admin/reload"), 401, "unauthorized")
+        assert_error(svc.post("/admin/reload", headers={"X-API-Key": "wrong"}), 401)
+        r = svc.post("/admin/reload", headers={"X-API-Key": API_KEY})
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "reloaded"
+        assert r.json()["index_version"] == new
+        assert r.json()["previous"] == old
+        after = len(seen)
+        assert poll(lambda: len(seen) >= after + 3, timeout=15), seen
+    finally:
+        stop.set()
+        client.join(timeout=TIMEOUT + 5)
+    assert not client.is_alive()
+
+    statuses = [s for s, _ in seen]
+    assert statuses and all(s == 200 for s in statuses), seen
+    names = [v for _, v in seen]
+    assert names[0] == old and names[-1] == new, names
+    switch = names.index(new)
+    assert set(names[:switch]) == {old} and set(names[switch:]) == {new}, names
+
+    r = svc.post("/admin/reload", headers={"X-API-Key": API_KEY})
+    assert r.status_code == 200 and r.json()["status"] == "unchanged"
+    assert r.json()["index_version"] == new
+    # The new version answers everything: upload, category, similar, /version.
+    body = assert_answer(svc.search(svc.files["p007.jpg"]))
+    assert pids(body)[0] == "p007" and body["index_version"] == new
+    body = assert_answer(svc.search(svc.files["p002.jpg"], k=10, category="rare"))
+    assert sorted(pids(body)) == list(RARE)
+    body = assert_answer(svc.get("/products/p010/similar", params={"k": 5}))
+    assert len(body["results"]) == 5 and "p010" not in pids(body)
+    version = svc.get("/version").json()
+    assert version["index_version"] == new and version["factory"] == "IVF4,Flat"
+    assert version["shards"] == SHARDS
+
+
+# -------------------------------------------------------------------------------- overload
+
+
+def test_overload_is_503_then_recovers(svc):
+    """MAX_INFLIGHT uploads that never finish their body keep the ingress busy: 503."""
+    good = svc.files["p006.jpg"]
+    head = (
+        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+        b"Content-Length: 50000\r\n\r\n"
+    )
+
+    def hold() -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", svc.port), timeout=30)
+        s.sendall(head + good[:1000])  # and never the rest: the ingress waits for it
+        return s
+
+    held: list[socket.socket] = []
+    answers = []
+    try:
+        held = [hold() for _ in range(MAX_INFLIGHT)]
+
+        def overloaded():
+            # A held request that reached the ingress while a probe was in flight was refused
+            # itself: replace it, so that all MAX_INFLIGHT end up held in flight.
+            for i, s in enumerate(held):
+                if select.select([s], [], [], 0)[0]:
+                    answer = s.recv(4096)
+                    answers.append(answer[:12])
+                    assert answer.startswith(b"HTTP/1.1 503") and b"overloaded" in answer
+                    s.close()
+                    held[i] = hold()
+            time.sleep(0.5)  # let the held requests reach the ingress before probing
+            r = svc.search(good)
+            answers.append(r.status_code)
+            return r if r.status_code == 503 else None
+
+        r = poll(overloaded, timeout=30, interval=0, attempts=30)
+        assert r is not None, f"{MAX_INFLIGHT} held requests never gave a 503: {answers}"
+        assert_error(r, 503, "overloaded")
+        for _ in range(3):  # still held: still 503, every time
+            assert_error(svc.search(good), 503, "overloaded")
+        r = svc.post("/search", files={"image": ("q.jpg", good, "image/jpeg")})
+        assert_error(r, 503, "overloaded")
+        assert_error(svc.get("/products/p001/similar"), 503, "overloaded")
+        assert svc.get("/healthz").status_code == 200  # health is not admission-controlled
+    finally:
+        for s in held:
+            s.close()
+
+    def recovered():
+        r = svc.search(good)
+        return r if r.status_code == 200 else None
+
+    r = poll(recovered, timeout=30, interval=0.3, attempts=60)
+    assert r is not None, "the service still answers 503 after the held requests went away"
+    assert pids(assert_answer(r))[0] == "p006"
