@@ -28,6 +28,7 @@ class AppArgs(BaseModel):
     ingress_cpus: float = Field(0.25, ge=0)
     embedder_cpus: float = Field(1.0, ge=0)
     shard_cpus: float = Field(0.25, ge=0)
+    embedder_threads: int = Field(0, ge=0, description="torch CPU threads (0: all cores)")
 
 
 def build_app(args: AppArgs) -> Application:
@@ -40,13 +41,17 @@ def build_app(args: AppArgs) -> Application:
         ShardSearcher.options(
             name=f"ShardSearcher-{i}",
             num_replicas=args.shard_replicas,
+            max_ongoing_requests=2 * args.max_inflight,
             ray_actor_options={"num_cpus": args.shard_cpus},
         ).bind(index_root, i, args.s3_endpoint, args.mmap)
         for i in range(len(manifest.shards))
     ]
     embedder = QueryEmbedder.options(
-        num_replicas=args.embedder_replicas, ray_actor_options={"num_cpus": args.embedder_cpus}
-    ).bind(manifest.model, args.weights, args.device)
+        num_replicas=args.embedder_replicas,
+        # Serve's default (5) would cap the @serve.batch batches at 5 queries.
+        max_ongoing_requests=2 * args.max_inflight,
+        ray_actor_options={"num_cpus": args.embedder_cpus},
+    ).bind(manifest.model, args.weights, args.device, args.embedder_threads)
     return Ingress.options(
         max_ongoing_requests=args.max_inflight + 16,
         max_queued_requests=4 * args.max_inflight,

@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from visual_search import embedders, images, query, storage, versions
+from visual_search import devices, embedders, images, query, storage, versions
 
 log = logging.getLogger("visual_search.serving")
 STATIC = Path(__file__).parent / "static"
@@ -85,7 +85,12 @@ class ShardSearcher:
 class QueryEmbedder:
     """The index's own model; batches concurrent queries into one forward pass."""
 
-    def __init__(self, model: dict, weights: str | None, device: str | None):
+    def __init__(self, model: dict, weights: str | None, device: str | None, threads: int):
+        import torch
+
+        # Ray sets OMP_NUM_THREADS to the replica's (fractional) CPU request, i.e. 1 thread;
+        # a query is latency bound, so let torch use the cores it is given here.
+        torch.set_num_threads(threads or devices.cpu_count())
         mode = model.get("preprocess", {}).get("mode", "pad")
         self.embedder = embedders.create(model["model_id"], weights, device, preprocess_mode=mode)
         if self.embedder.describe()["weights"] != model.get("weights"):
