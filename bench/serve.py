@@ -22,8 +22,9 @@
    p50/p99 latency, requests/s, errors by status, and how often the photo's own product is
    the top answer.
 4. In-process baseline at concurrency 1: images.load + Embedder.embed + query.ShardIndex per
-   shard + query.widening_search + query.results over the same photos, with the torch/FAISS
-   threads the Serve replicas get (Ray sets OMP_NUM_THREADS = floor(num_cpus), at least 1, in
+   shard + query.widening_search + query.results over the same photos, with the torch threads
+   the QueryEmbedder sets (AppArgs.embedder_threads, 0: all cores) and the FAISS threads the
+   ShardSearcher replicas get (Ray sets OMP_NUM_THREADS = floor(num_cpus), at least 1, in
    actors; checked with a probe actor). HTTP and in-process queries alternate one by one, so
    both see the same background load; ratio http_p50 / inproc_p50 (target <= 1.3). The
    in-process path with all cores is reported too, for reference.
@@ -637,6 +638,7 @@ def parse_args(argv):
     p.add_argument("--no-reload", action="store_true")
     p.add_argument("--weights", help="model weights URI (models other than efficientnet_lite0)")
     p.add_argument("--embedder-replicas", type=int, default=1)
+    p.add_argument("--embedder-threads", type=int, default=0, help="torch threads, 0: all cores")
     p.add_argument("--shard-replicas", type=int, default=1)
     p.add_argument("--max-inflight", type=int, default=64)
     p.add_argument("--ray-logs", action="store_true", help="stream replica logs to this console")
@@ -713,7 +715,11 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in results["index"].items():
             say(f"index_{key}", value)
 
+        extra = {}
+        if "embedder_threads" in AppArgs.model_fields:
+            extra["embedder_threads"] = args.embedder_threads
         app_args = AppArgs(
+            **extra,
             index_root=index_root,
             weights=args.weights,
             shard_replicas=args.shard_replicas,
@@ -725,7 +731,10 @@ def main(argv: list[str] | None = None) -> int:
         say("photos", len(photos))
 
         # threads the replicas get (checked with a probe actor of the same num_cpus)
-        embed_threads = actor_threads(app_args.embedder_cpus)
+        if "embedder_threads" in AppArgs.model_fields:  # QueryEmbedder sets torch's threads
+            embed_threads = {"torch": app_args.embedder_threads or cores}
+        else:
+            embed_threads = actor_threads(app_args.embedder_cpus)
         shard_threads = actor_threads(app_args.shard_cpus)
         results["replica_threads"] = {"embedder": embed_threads, "shard": shard_threads}
         say("replica_threads", results["replica_threads"])

@@ -28,7 +28,7 @@ class AppArgs(BaseModel):
     ingress_cpus: float = Field(0.25, ge=0)
     embedder_cpus: float = Field(1.0, ge=0)
     shard_cpus: float = Field(0.25, ge=0)
-    embedder_threads: int = Field(0, ge=0, description="torch CPU threads (0: all cores)")
+    embedder_threads: int = Field(0, ge=0, description="torch threads (0: Ray's default)")
 
 
 def build_app(args: AppArgs) -> Application:

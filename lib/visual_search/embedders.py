@@ -71,7 +71,7 @@ class Embedder:
             )
         if len(pixels) == 0:
             return np.zeros((0, self.dim), np.float32)
-        feats = self._forward(torch.from_numpy(np.ascontiguousarray(pixels)))
+        feats = self._forward(torch.from_numpy(np.require(pixels, requirements=["C", "W"])))
         feats = torch.nn.functional.normalize(feats.float(), dim=1)
         return feats.cpu().numpy().astype(np.float32, copy=False)
 

@@ -11,6 +11,7 @@ import hmac
 import logging
 import mimetypes
 import os
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from visual_search import devices, embedders, images, query, storage, versions
+from visual_search import embedders, images, query, storage, versions
 
 log = logging.getLogger("visual_search.serving")
 STATIC = Path(__file__).parent / "static"
@@ -88,9 +89,10 @@ class QueryEmbedder:
     def __init__(self, model: dict, weights: str | None, device: str | None, threads: int):
         import torch
 
-        # Ray sets OMP_NUM_THREADS to the replica's (fractional) CPU request, i.e. 1 thread;
-        # a query is latency bound, so let torch use the cores it is given here.
-        torch.set_num_threads(threads or devices.cpu_count())
+        # 0 keeps Ray's choice (torch threads = the replica's CPU request). More threads cut a
+        # lone query's latency on a big node, but on a small one they fight the other replicas.
+        if threads:
+            torch.set_num_threads(threads)
         mode = model.get("preprocess", {}).get("mode", "pad")
         self.embedder = embedders.create(model["model_id"], weights, device, preprocess_mode=mode)
         if self.embedder.describe()["weights"] != model.get("weights"):
@@ -228,7 +230,7 @@ class Ingress:
         return out
 
     def _answer(self, state: _State, results: list[dict], started: float) -> dict:
-        took = (asyncio.get_running_loop().time() - started) * 1000
+        took = (time.perf_counter() - started) * 1000
         return {
             "results": results,
             "index_version": state.name,
@@ -245,7 +247,7 @@ class Ingress:
         k: int = Query(10, ge=1, le=100),
         category: str | None = Query(None, min_length=1, max_length=200),
     ) -> dict:
-        started = asyncio.get_running_loop().time()
+        started = time.perf_counter()
         await self._admit()
         try:
             state = self.state
@@ -263,7 +265,7 @@ class Ingress:
         k: int = Query(10, ge=1, le=100),
         category: str | None = Query(None, min_length=1, max_length=200),
     ) -> dict:
-        started = asyncio.get_running_loop().time()
+        started = time.perf_counter()
         await self._admit()
         try:
             state = self.state
