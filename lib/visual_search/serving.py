@@ -7,6 +7,7 @@ joins the docs. Every query pins one index version end to end, so a reload never
 
 # No `from __future__ import annotations`: FastAPI must see the endpoint types at run time.
 import asyncio
+import contextlib
 import hmac
 import logging
 import mimetypes
@@ -177,10 +178,16 @@ class Ingress:
 
     # --- helpers -------------------------------------------------------------------------
 
-    async def _admit(self):
+    @contextlib.asynccontextmanager
+    async def _slot(self):
+        """Admission control: past max_inflight requests, answer 503 at once (JSON body)."""
         if self.inflight >= self.max_inflight:
             raise ApiError(503, "overloaded", "too many requests in flight; retry shortly")
         self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
 
     async def _read_upload(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -248,15 +255,11 @@ class Ingress:
         category: str | None = Query(None, min_length=1, max_length=200),
     ) -> dict:
         started = time.perf_counter()
-        await self._admit()
-        try:
+        async with self._slot():
             state = self.state
-            data = await self._read_upload(request)
-            vector = await self._embed(data)
+            vector = await self._embed(await self._read_upload(request))
             results = await self._search(state, vector, k, category)
             return self._answer(state, results, started)
-        finally:
-            self.inflight -= 1
 
     @app.get("/products/{product_id:path}/similar")
     async def similar(
@@ -266,8 +269,7 @@ class Ingress:
         category: str | None = Query(None, min_length=1, max_length=200),
     ) -> dict:
         started = time.perf_counter()
-        await self._admit()
-        try:
+        async with self._slot():
             state = self.state
             gid = self._first_id(state, product_id)
             shard = self._shard_of(state, gid)
@@ -275,8 +277,6 @@ class Ingress:
             vector = np.asarray(vector, np.float32)[None]
             results = await self._search(state, vector, k, category, exclude=product_id)
             return self._answer(state, results, started)
-        finally:
-            self.inflight -= 1
 
     @app.get("/products/{product_id:path}/image")
     async def product_image(self, product_id: str, id: int | None = None) -> Response:
