@@ -244,11 +244,6 @@ def write_index(index: faiss.Index, uri: str) -> tuple[str, int]:
     return digest, size
 
 
-def mmap_supported(index: faiss.Index) -> bool:
-    """Whether read_index(IO_FLAG_MMAP) keeps this type's codes on disk (IVF inverted lists)."""
-    return is_ivf(index)
-
-
 def read_index(uri: str, sha256: str | None = None, mmap: bool = True) -> faiss.Index:
     """Open an index file (a local copy for remote URIs), checking its sha256 when given."""
     path = storage.local_copy(uri)
