@@ -30,6 +30,33 @@ def code_version() -> dict:
     return out
 
 
+class _JsonManifest:
+    """manifest.json in and out; subclasses set FORMAT / KIND and rebuild nested records."""
+
+    FORMAT: int
+    KIND: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def _records(cls, d: dict) -> dict:
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        if d.get("format_version") != cls.FORMAT:
+            raise ValueError(f"unsupported {cls.KIND} format_version {d.get('format_version')!r}")
+        return cls(**cls._records(dict(d)))
+
+    def write(self, root: str) -> None:
+        storage.write_json(storage.join(root, "manifest.json"), self.to_dict())
+
+    @classmethod
+    def read(cls, root: str):
+        return cls.from_dict(storage.read_json(storage.join(root, "manifest.json")))
+
+
 @dataclass(frozen=True)
 class FileRecord:
     path: str  # relative to the dataset root
@@ -37,7 +64,10 @@ class FileRecord:
 
 
 @dataclass(frozen=True)
-class EmbeddingsManifest:
+class EmbeddingsManifest(_JsonManifest):
+    FORMAT = EMBEDDINGS_FORMAT
+    KIND = "embeddings"
+
     model: dict  # model_id, weights, dim, preprocess
     catalog: dict  # uri, kind, fingerprint, rows, metadata_columns
     counts: dict  # input, embedded, errors, errors_by_code
@@ -52,24 +82,11 @@ class EmbeddingsManifest:
     def dim(self) -> int:
         return int(self.model["dim"])
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @classmethod
-    def from_dict(cls, d: dict) -> EmbeddingsManifest:
-        if d.get("format_version") != EMBEDDINGS_FORMAT:
-            raise ValueError(f"unsupported embeddings format_version {d.get('format_version')!r}")
-        d = dict(d)
+    def _records(cls, d: dict) -> dict:
         d["embeddings"] = [FileRecord(**r) for r in d["embeddings"]]
         d["errors"] = [FileRecord(**r) for r in d["errors"]]
-        return cls(**d)
-
-    def write(self, root: str) -> None:
-        storage.write_json(storage.join(root, "manifest.json"), self.to_dict())
-
-    @classmethod
-    def read(cls, root: str) -> EmbeddingsManifest:
-        return cls.from_dict(storage.read_json(storage.join(root, "manifest.json")))
+        return d
 
 
 INDEX_FORMAT = 1
@@ -86,7 +103,10 @@ class ShardRecord:
 
 
 @dataclass(frozen=True)
-class IndexManifest:
+class IndexManifest(_JsonManifest):
+    FORMAT = INDEX_FORMAT
+    KIND = "index"
+
     version: str
     created_unix: float
     model: dict  # from the embeddings manifest: model_id, weights, dim, preprocess
@@ -102,20 +122,7 @@ class IndexManifest:
     code_version: dict = field(default_factory=code_version)
     format_version: int = INDEX_FORMAT
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @classmethod
-    def from_dict(cls, d: dict) -> IndexManifest:
-        if d.get("format_version") != INDEX_FORMAT:
-            raise ValueError(f"unsupported index format_version {d.get('format_version')!r}")
-        d = dict(d)
-        d["shards"] = [ShardRecord(**{**s, "id_range": tuple(s["id_range"])}) for s in d["shards"]]
-        return cls(**d)
-
-    def write(self, version_root: str) -> None:
-        storage.write_json(storage.join(version_root, "manifest.json"), self.to_dict())
-
-    @classmethod
-    def read(cls, version_root: str) -> IndexManifest:
-        return cls.from_dict(storage.read_json(storage.join(version_root, "manifest.json")))
+    def _records(cls, d: dict) -> dict:
+        d["shards"] = [ShardRecord(**{**r, "id_range": tuple(r["id_range"])}) for r in d["shards"]]
+        return d

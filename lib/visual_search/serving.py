@@ -15,6 +15,7 @@ import os
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -35,6 +36,10 @@ IMAGE_STATUS = {
     "truncated": 422,
     "decode_error": 422,
 }
+
+
+TopK = Annotated[int, Query(ge=1, le=100)]
+Category = Annotated[str | None, Query(min_length=1, max_length=200)]
 
 
 class ApiError(Exception):
@@ -251,8 +256,8 @@ class Ingress:
     async def search(
         self,
         request: Request,
-        k: int = Query(10, ge=1, le=100),
-        category: str | None = Query(None, min_length=1, max_length=200),
+        k: TopK = 10,
+        category: Category = None,
     ) -> dict:
         started = time.perf_counter()
         async with self._slot():
@@ -265,8 +270,8 @@ class Ingress:
     async def similar(
         self,
         product_id: str,
-        k: int = Query(10, ge=1, le=100),
-        category: str | None = Query(None, min_length=1, max_length=200),
+        k: TopK = 10,
+        category: Category = None,
     ) -> dict:
         started = time.perf_counter()
         async with self._slot():
