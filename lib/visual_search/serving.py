@@ -241,8 +241,14 @@ class Ingress:
             row["image_url"] = f"/products/{row['product_id']}/image?id={row['id']}"
         return out
 
-    def _answer(self, state: _State, results: list[dict], started: float) -> dict:
-        took = (time.perf_counter() - started) * 1000
+    async def _query(self, vector_of, k: int, category: str | None, exclude=None) -> dict:
+        """Admit, pin the current version, get the query vector, search, answer."""
+        started = time.perf_counter()
+        async with self._slot():
+            state = self.state
+            vector = await vector_of(state)
+            results = await self._search(state, vector, k, category, exclude)
+            took = (time.perf_counter() - started) * 1000
         return {
             "results": results,
             "index_version": state.name,
@@ -259,12 +265,10 @@ class Ingress:
         k: TopK = 10,
         category: Category = None,
     ) -> dict:
-        started = time.perf_counter()
-        async with self._slot():
-            state = self.state
-            vector = await self._embed(await self._read_upload(request))
-            results = await self._search(state, vector, k, category)
-            return self._answer(state, results, started)
+        async def upload_vector(state: _State) -> np.ndarray:
+            return await self._embed(await self._read_upload(request))
+
+        return await self._query(upload_vector, k, category)
 
     @app.get("/products/{product_id:path}/similar")
     async def similar(
@@ -273,15 +277,13 @@ class Ingress:
         k: TopK = 10,
         category: Category = None,
     ) -> dict:
-        started = time.perf_counter()
-        async with self._slot():
-            state = self.state
+        async def stored_vector(state: _State) -> np.ndarray:
             gid = self._first_id(state, product_id)
             shard = self._shard_of(state, gid)
             vector = await self.shards[shard].reconstruct.remote(state.name, gid)
-            vector = np.asarray(vector, np.float32)[None]
-            results = await self._search(state, vector, k, category, exclude=product_id)
-            return self._answer(state, results, started)
+            return np.asarray(vector, np.float32)[None]
+
+        return await self._query(stored_vector, k, category, exclude=product_id)
 
     @app.get("/products/{product_id:path}/image")
     async def product_image(self, product_id: str, id: int | None = None) -> Response:
