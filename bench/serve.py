@@ -344,8 +344,7 @@ class InProcess:
     def __init__(self, index_root: str, max_upload: int, k: int, weights: str | None):
         version = versions.open_version(index_root)
         m = version.manifest
-        mode = m.model.get("preprocess", {}).get("mode", "pad")
-        self.embedder = embedders.create(m.model["model_id"], weights, None, preprocess_mode=mode)
+        self.embedder = embedders.from_model_dict(m.model, weights)
         self.limits = images.Limits(max_bytes=max_upload)
         self.shards = [query.ShardIndex(version, i) for i in range(len(m.shards))]
         self.docs = query.Docs.load(version)

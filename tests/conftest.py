@@ -20,7 +20,14 @@ def ray_local():
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    # address="local": never join a head node another test (or a person) started here.
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        log_to_driver=False,
+    )
     yield ray
     ray.shutdown()
 

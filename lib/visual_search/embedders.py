@@ -238,6 +238,19 @@ def describe(
     }
 
 
+def from_model_dict(model: dict, weights: str | None = None, device: str | None = None) -> Embedder:
+    """The embedder a manifest's `model` entry describes (the index's own model, for queries);
+    refuses weights other than the ones the catalog vectors were made with."""
+    mode = model.get("preprocess", {}).get("mode", "pad")
+    embedder = create(model["model_id"], weights, device, preprocess_mode=mode)
+    if embedder.weights_id != model.get("weights"):
+        raise ValueError(
+            f"model weights {embedder.weights_id} differ from the index's "
+            f"{model.get('weights')}: queries would not match the catalog vectors"
+        )
+    return embedder
+
+
 def preprocess_for(name: str, preprocess_mode: str = "pad") -> Preprocess:
     """The preprocessing of a registered model, without loading it (for CPU decode workers)."""
     if name not in REGISTRY:

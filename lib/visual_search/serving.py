@@ -99,13 +99,7 @@ class QueryEmbedder:
         # lone query's latency on a big node, but on a small one they fight the other replicas.
         if threads:
             torch.set_num_threads(threads)
-        mode = model.get("preprocess", {}).get("mode", "pad")
-        self.embedder = embedders.create(model["model_id"], weights, device, preprocess_mode=mode)
-        if self.embedder.describe()["weights"] != model.get("weights"):
-            raise ValueError(
-                f"model weights {self.embedder.describe()['weights']} differ from the index's "
-                f"{model.get('weights')}: queries would not match the catalog vectors"
-            )
+        self.embedder = embedders.from_model_dict(model, weights, device)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def embed(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
