@@ -47,6 +47,7 @@ class Config:
     max_train: int = 200_000
     keep: int = 3
     seed: int = 0
+    gpus: int | None = None  # >0: train the template on a GPU (default: if the cluster has one)
     s3_endpoint: str | None = None
 
 
@@ -109,7 +110,7 @@ def run(cfg: Config) -> IndexManifest:
 
     cluster.init()
     env = cluster.runtime_env()
-    gpus = 1 if devices.cluster_gpus() > 0 else 0
+    gpus = 1 if devices.cluster_gpus(cfg.gpus) > 0 else 0
     t0 = time.monotonic()
     train = ray.remote(train_template).options(num_gpus=gpus, runtime_env=env)
     template = ray.put(ray.get(train.remote(dataset, factory, cfg.metric, train_ids, None)))
@@ -210,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="ip", choices=sorted(index.METRIC_TYPES))
     p.add_argument("--queries", type=int, default=Config.queries, help="held-out queries")
     p.add_argument("--keep", type=int, default=Config.keep, help="complete versions kept")
+    p.add_argument("--gpus", type=int, help=devices.GPUS_HELP)
     p.add_argument("--s3-endpoint", help=f"S3-compatible endpoint (or ${storage.ENDPOINT_ENV})")
     return p
 
@@ -225,6 +227,7 @@ def config_from_args(args: argparse.Namespace, embeddings_uri: str | None = None
         metric=args.metric,
         queries=args.queries,
         keep=args.keep,
+        gpus=args.gpus,
         s3_endpoint=args.s3_endpoint,
     )
 

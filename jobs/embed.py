@@ -39,8 +39,10 @@ class Config:
     weights: str | None = None
     random_weights: bool = False
     preprocess: str = "pad"
+    head: str | None = None  # projection head file (heads.py), run after the backbone
     batch_size: int = 32
     concurrency: int | None = None  # embedding actors; default: one per GPU, else 1
+    gpus: int | None = None  # GPUs to use (default: those the cluster has now; see --gpus)
     threads_per_actor: int | None = None  # CPU actors: torch threads (default: all cores)
     decode_batch_size: int = 16
     partition_size: int = 1000
@@ -71,6 +73,7 @@ def _plan(cfg: Config, cat: catalog.Catalog) -> dict:
         "model": cfg.model,
         "weights": cfg.weights,
         "preprocess": cfg.preprocess,
+        "head": cfg.head,
         "limits": dataclasses.asdict(cfg.limits),
     }
 
@@ -194,7 +197,7 @@ def _stream(cfg: Config, cat: catalog.Catalog, todo_rows: pa.Array, dim: int):
     import ray
 
     cluster.init()
-    gpus = devices.cluster_gpus()
+    gpus = devices.cluster_gpus(cfg.gpus)
     concurrency = cfg.concurrency or (max(1, int(gpus)) if gpus else 1)
     n_cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = None if gpus else (cfg.threads_per_actor or max(1, n_cpus // concurrency))
@@ -245,6 +248,7 @@ def _pipeline(cfg: Config, blocks: list[pa.Table], concurrency: int, gpus: float
             cfg.preprocess,
             cfg.device,
             threads,
+            cfg.head,
         ),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
@@ -274,9 +278,11 @@ def run(cfg: Config) -> EmbeddingsManifest:
     if cfg.s3_endpoint:
         storage.configure(cfg.s3_endpoint)
     cat = catalog.read_catalog(cfg.catalog)
-    spec = embedders.REGISTRY.get(cfg.model)
-    if spec is None:
+    if cfg.model not in embedders.REGISTRY:
         raise JobError(f"unknown model {cfg.model!r}; known: {', '.join(embedders.REGISTRY)}")
+    model = embedders.describe(
+        cfg.model, cfg.weights, cfg.random_weights, cfg.preprocess, head=cfg.head
+    )
     plan = _plan(cfg, cat)
     _prepare_out(cfg, plan)
     n_parts = math.ceil(cat.num_rows / cfg.partition_size)
@@ -288,7 +294,7 @@ def run(cfg: Config) -> EmbeddingsManifest:
         flush=True,
     )
 
-    writer = _PartitionWriter(cfg, cat, spec.dim)
+    writer = _PartitionWriter(cfg, cat, model["dim"])
     t0 = time.monotonic()
     progress = _Progress(0, cfg.progress_every_s)
     if todo:
@@ -299,7 +305,7 @@ def run(cfg: Config) -> EmbeddingsManifest:
             ).astype(np.int64)
         )
         progress.total = len(rows)
-        for batch in _stream(cfg, cat, rows, spec.dim):
+        for batch in _stream(cfg, cat, rows, model["dim"]):
             writer.add(batch)
             progress.add(batch.num_rows, batch["embedding"].null_count)
         if writer.pending or len(writer.records) != len(todo):
@@ -326,7 +332,7 @@ def run(cfg: Config) -> EmbeddingsManifest:
             f"{n_errors} errors were written; manifest not written"
         )
     manifest = EmbeddingsManifest(
-        model=embedders.describe(cfg.model, cfg.weights, cfg.random_weights, cfg.preprocess),
+        model=model,
         catalog={
             "uri": storage.normalize(cfg.catalog),
             "kind": cat.kind,
@@ -370,8 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=embedders.DEFAULT_MODEL, choices=sorted(embedders.REGISTRY))
     p.add_argument("--weights", help="state dict URI (required for resnet50 and clip-vit-b-32)")
     p.add_argument("--preprocess", default="pad", choices=["pad", "crop"])
+    p.add_argument("--head", help="projection head file URI (jobs/train_head.py output)")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call")
     p.add_argument("--concurrency", type=int, help="embedding actors (default: GPUs, else 1)")
+    p.add_argument("--gpus", type=int, help=devices.GPUS_HELP)
     p.add_argument("--threads-per-actor", type=int, help="torch threads per CPU actor")
     p.add_argument("--partition-size", type=int, default=1000, help="rows per output file")
     p.add_argument("--max-pixels", type=int, default=images.Limits.max_pixels)
@@ -392,8 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model,
         weights=args.weights,
         preprocess=args.preprocess,
+        head=args.head,
         batch_size=args.batch_size,
         concurrency=args.concurrency,
+        gpus=args.gpus,
         threads_per_actor=args.threads_per_actor,
         partition_size=args.partition_size,
         limits=images.Limits(args.max_bytes, args.max_pixels, args.min_side),

@@ -29,9 +29,15 @@ class Config:
     build: build_index.Config
 
 
-def default_work(index_root: str, catalog_uri: str, model: str) -> str:
+def default_work(index_root: str, catalog_uri: str, model: dict) -> str:
+    """One embeddings dataset per catalog content and model (backbone, preprocessing, head)."""
     fingerprint = catalog.read_catalog(catalog_uri).fingerprint().split(":")[1][:16]
-    return storage.join(index_root, "work", f"embed-{fingerprint}-{model}")
+    name = f"embed-{fingerprint}-{model['model_id']}"
+    if model["preprocess"]["mode"] != "pad":
+        name += f"-{model['preprocess']['mode']}"
+    if "head" in model:
+        name += f"-head-{model['head']['sha256'].split(':')[1][:12]}"
+    return storage.join(index_root, "work", name)
 
 
 def run(cfg: Config) -> IndexManifest:
@@ -54,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", help="embeddings dataset URI (default: under --index-root)")
     p.add_argument("--model", default=embedders.DEFAULT_MODEL, choices=sorted(embedders.REGISTRY))
     p.add_argument("--weights", help="state dict URI (required for resnet50 and clip-vit-b-32)")
+    p.add_argument("--preprocess", default="pad", choices=["pad", "crop"])
+    p.add_argument("--head", help="projection head file URI (jobs/train_head.py output)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--concurrency", type=int, help="embedding actors (default: GPUs, else 1)")
     for action in p._actions:
@@ -64,15 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.s3_endpoint:
             storage.configure(args.s3_endpoint)
-        work = args.work or default_work(args.index_root, args.catalog, args.model)
+        model = embedders.describe(args.model, args.weights, False, args.preprocess, args.head)
+        work = args.work or default_work(args.index_root, args.catalog, model)
         cfg = Config(
             embed=embed.Config(
                 catalog=args.catalog,
                 out=work,
                 model=args.model,
                 weights=args.weights,
+                preprocess=args.preprocess,
+                head=args.head,
                 batch_size=args.batch_size,
                 concurrency=args.concurrency,
+                gpus=args.gpus,
                 s3_endpoint=args.s3_endpoint,
             ),
             build=build_index.config_from_args(args, embeddings_uri=work),

@@ -22,6 +22,7 @@ import select
 import socket
 import threading
 import time
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,7 +32,7 @@ from conftest import draw_product
 from PIL import Image
 
 from jobs import build_index, embed
-from visual_search import versions
+from visual_search import __version__, versions
 
 API_KEY = "test-key"
 KEY_ENV = "VISUAL_SEARCH_API_KEY"
@@ -623,3 +624,83 @@ def test_overload_is_503_then_recovers(svc):
     r = poll(recovered, timeout=30, interval=0.3, attempts=60)
     assert r is not None, "the service still answers 503 after the held requests went away"
     assert pids(assert_answer(r))[0] == "p006"
+
+
+# Metrics on Ray's Prometheus endpoint (exported every few seconds, so polled) and /version.
+SEARCH = "/search"
+SENT = 3
+SAMPLE = re.compile(r"^(\w+)\{([^}]*)\}\s+(\S+)$")
+
+
+def scrape() -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of every sample on this node's metrics endpoint."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    samples = []
+    for line in text.splitlines():
+        if m := SAMPLE.match(line):
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2)))
+            samples.append((m.group(1), labels, float(m.group(3))))
+    return samples
+
+
+def total(samples, name: str, **labels: str) -> float:
+    return sum(
+        v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items())
+    )
+
+
+def test_request_and_error_metrics_reach_prometheus(svc):
+    for i in range(SENT):
+        assert_answer(svc.search(jpeg(draw_product(i, (160, 120))), k=3))
+    assert_error(svc.search(b"this is not an image"), 415, "not_an_image")
+    assert_error(svc.get("/no/such/route"), 404, "not_found")
+
+    deadline, samples = time.monotonic() + 40, []
+    while time.monotonic() < deadline:
+        samples = scrape()
+        if (
+            total(samples, "ray_visual_search_requests_total", route=SEARCH, status="200") >= SENT
+            and total(samples, "ray_visual_search_errors_total", code="not_an_image")
+            and total(samples, "ray_visual_search_errors_total", code="not_found")
+        ):
+            break
+        time.sleep(1)
+    names = sorted({n for n, _, _ in samples if n.startswith("ray_visual_search")})
+
+    ok = total(samples, "ray_visual_search_requests_total", route=SEARCH, status="200")
+    assert ok >= SENT, names
+    assert total(samples, "ray_visual_search_requests_total", route=SEARCH, status="415") >= 1
+    bad = total(samples, "ray_visual_search_errors_total", route=SEARCH, code="not_an_image")
+    assert bad >= 1 and total(samples, "ray_visual_search_errors_total", status="415") >= 1
+    # Unknown paths are one series, not one per path.
+    unmatched = total(
+        samples, "ray_visual_search_errors_total", route="unmatched", code="not_found"
+    )
+    assert unmatched >= 1
+    assert not any("/no/such/route" in lab.values() for _, lab, _ in samples)
+    # The latency histogram counts every /search request (good and bad), with Serve's tags.
+    timed = [
+        lab
+        for n, lab, _ in samples
+        if n == "ray_visual_search_request_latency_ms_count" and lab.get("route") == SEARCH
+    ]
+    assert timed and timed[0]["deployment"] == "Ingress" and timed[0]["application"] == "vs"
+    count = total(samples, "ray_visual_search_request_latency_ms_count", route=SEARCH)
+    assert count >= SENT + 1
+    assert total(samples, "ray_visual_search_request_latency_ms_bucket", route=SEARCH, le="+Inf")
+
+
+def test_version_reports_index_model_build_date_and_code(svc):
+    body = svc.get("/version").json()
+    live = versions.current(svc.index_root)
+    manifest = versions.open_version(svc.index_root, live).manifest
+    assert body["index_version"] == live
+    assert body["model"] == manifest.model and body["model"]["model_id"]
+    built = datetime.strptime(body["built"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert abs(built.timestamp() - manifest.created_unix) < 1
+    assert abs(time.time() - built.timestamp()) < 3600  # built by this module's fixture
+    assert body["code_version"]["package"] == __version__
+    assert body["index_code_version"] == manifest.code_version

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 
+GPUS_HELP = (
+    "GPUs to use (default: those the cluster has now). On an autoscaling cluster whose GPU "
+    "workers scale from zero, give the number wanted: the requests make the autoscaler add them"
+)
+
 
 def torch_device(prefer: str | None = None):
     """`prefer` ("cpu", "cuda", "cuda:1") wins; else CUDA when present, else CPU."""
@@ -14,10 +19,14 @@ def torch_device(prefer: str | None = None):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def cluster_gpus() -> float:
-    """GPUs the connected Ray cluster has now (0 when Ray is not initialised)."""
+def cluster_gpus(requested: int | None = None) -> float:
+    """GPUs a job should use: `requested` when given (on an autoscaling cluster whose GPU
+    workers scale from zero, none exist until a task asks for one), else the GPUs the connected
+    Ray cluster has now (0 when Ray is not initialised)."""
     import ray
 
+    if requested is not None:
+        return float(requested)
     if not ray.is_initialized():
         return 0.0
     return float(ray.cluster_resources().get("GPU", 0.0))

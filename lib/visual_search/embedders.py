@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from visual_search import devices, storage
+from visual_search import devices, heads, storage
 from visual_search.images import Preprocess
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,10 @@ class Embedder:
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
         device: torch.device,
+        head: dict | None = None,
     ):
         self.model_id = model_id
+        self.head = head  # the manifest's description of the projection head, if any
         self.weights_id = weights_id
         self.dim = dim
         self.preprocess = preprocess
@@ -76,12 +78,15 @@ class Embedder:
         return feats.cpu().numpy().astype(np.float32, copy=False)
 
     def describe(self) -> dict:
-        return {
+        out = {
             "model_id": self.model_id,
             "weights": self.weights_id,
             "dim": self.dim,
             "preprocess": {"size": self.preprocess.size, "mode": self.preprocess.mode},
         }
+        if self.head:
+            out["head"] = self.head
+        return out
 
 
 def _sha256_id(path: str) -> str:
@@ -105,7 +110,7 @@ def _load_state(weights: str | None, random_weights: bool, name: str) -> dict | 
 
 
 def _weights_id(name: str, weights: str | None, random_weights: bool) -> str:
-    if name == "efficientnet_lite0":
+    if name.startswith("efficientnet_lite0"):
         return _sha256_id(_lite0_weights(weights))
     if weights:
         return _sha256_id(storage.local_copy(weights))
@@ -147,14 +152,21 @@ def efficientnet_lite0_classifier(weights: str | None = None) -> nn.Module:
 
 
 class _PreLogits(nn.Module):
-    """timm model -> pooled features, classifier skipped."""
+    """timm model -> pooled features, classifier skipped.
 
-    def __init__(self, model: nn.Module):
+    pooling "avg" is the model's own global average; "gem" is generalised-mean pooling
+    (p = 3), which weights the strongest activations more and is known to help retrieval.
+    """
+
+    def __init__(self, model: nn.Module, pooling: str = "avg", p: float = 3.0):
         super().__init__()
-        self.model = model
+        self.model, self.pooling, self.p = model, pooling, p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        fmap = self.model.forward_features(x)
+        if self.pooling == "gem":
+            return fmap.float().clamp(min=1e-6).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+        return self.model.forward_head(fmap, pre_logits=True)
 
 
 @dataclass(frozen=True)
@@ -168,6 +180,10 @@ class ModelSpec:
 
 def _build_efficientnet_lite0(weights: str | None, random_weights: bool) -> nn.Module:
     return _PreLogits(efficientnet_lite0_classifier(weights))
+
+
+def _build_efficientnet_lite0_gem(weights: str | None, random_weights: bool) -> nn.Module:
+    return _PreLogits(efficientnet_lite0_classifier(weights), pooling="gem")
 
 
 def _build_resnet50(weights: str | None, random_weights: bool) -> nn.Module:
@@ -193,9 +209,34 @@ def _build_clip_vit_b_32(weights: str | None, random_weights: bool) -> nn.Module
 
 REGISTRY: dict[str, ModelSpec] = {
     "efficientnet_lite0": ModelSpec(_build_efficientnet_lite0, 1280, (0.5,) * 3, (0.5,) * 3),
+    "efficientnet_lite0_gem": ModelSpec(
+        _build_efficientnet_lite0_gem, 1280, (0.5,) * 3, (0.5,) * 3
+    ),
     "resnet50": ModelSpec(_build_resnet50, 2048, IMAGENET_MEAN, IMAGENET_STD),
     "clip-vit-b-32": ModelSpec(_build_clip_vit_b_32, 512, CLIP_MEAN, CLIP_STD),
 }
+
+
+def _check_name(name: str) -> ModelSpec:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def _head_entry(name: str, head: str, meta: dict) -> dict:
+    """The manifest's description of a head, after checking it fits the backbone."""
+    spec = REGISTRY[name]
+    if meta["backbone"] != name or int(meta["in_dim"]) != spec.dim:
+        raise ValueError(
+            f"head {head} was made for {meta['backbone']} ({meta['in_dim']}-d features), "
+            f"not for {name} ({spec.dim}-d)"
+        )
+    return {
+        "uri": storage.normalize(head),
+        "sha256": _sha256_id(storage.local_copy(head)),
+        "kind": meta["kind"],
+        "dim": int(meta["out_dim"]),
+    }
 
 
 def create(
@@ -204,21 +245,26 @@ def create(
     device: str | None = None,
     random_weights: bool = False,
     preprocess_mode: str = "pad",
+    head: str | None = None,
 ) -> Embedder:
-    """Build a registered model on `device` (auto: CUDA when present)."""
-    if name not in REGISTRY:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    spec = REGISTRY[name]
-    net = spec.build(weights, random_weights)
+    """Build a registered model on `device` (auto: CUDA when present), with an optional
+    projection head (a `heads` file URI) run after the backbone as one model."""
+    spec = _check_name(name)
+    net, dim, entry = spec.build(weights, random_weights), spec.dim, None
+    if head:
+        head_net, meta = heads.load(head)
+        entry = _head_entry(name, head, meta)
+        net, dim = nn.Sequential(net, head_net), entry["dim"]
     return Embedder(
         model_id=name,
         weights_id=_weights_id(name, weights, random_weights),
         net=net,
-        dim=spec.dim,
+        dim=dim,
         preprocess=Preprocess(size=spec.size, mode=preprocess_mode),
         mean=spec.mean,
         std=spec.std,
         device=devices.torch_device(device),
+        head=entry,
     )
 
 
@@ -227,32 +273,43 @@ def describe(
     weights: str | None = None,
     random_weights: bool = False,
     preprocess_mode: str = "pad",
+    head: str | None = None,
 ) -> dict:
-    """What `create(...).describe()` returns, without building the model."""
-    spec = REGISTRY[name]
-    return {
+    """What `create(...).describe()` returns, without building the backbone."""
+    spec = _check_name(name)
+    out = {
         "model_id": name,
         "weights": _weights_id(name, weights, random_weights),
         "dim": spec.dim,
         "preprocess": {"size": spec.size, "mode": preprocess_mode},
     }
+    if head:
+        out["head"] = _head_entry(name, head, heads.load(head)[1])
+        out["dim"] = out["head"]["dim"]
+    return out
 
 
 def from_model_dict(model: dict, weights: str | None = None, device: str | None = None) -> Embedder:
     """The embedder a manifest's `model` entry describes (the index's own model, for queries);
     refuses weights other than the ones the catalog vectors were made with."""
     mode = model.get("preprocess", {}).get("mode", "pad")
-    embedder = create(model["model_id"], weights, device, preprocess_mode=mode)
+    head = model.get("head")
+    embedder = create(
+        model["model_id"], weights, device, preprocess_mode=mode, head=head and head["uri"]
+    )
     if embedder.weights_id != model.get("weights"):
         raise ValueError(
             f"model weights {embedder.weights_id} differ from the index's "
             f"{model.get('weights')}: queries would not match the catalog vectors"
+        )
+    if head and embedder.head["sha256"] != head["sha256"]:
+        raise ValueError(
+            f"head {head['uri']} changed since the index was built (sha256 "
+            f"{embedder.head['sha256']}, index has {head['sha256']})"
         )
     return embedder
 
 
 def preprocess_for(name: str, preprocess_mode: str = "pad") -> Preprocess:
     """The preprocessing of a registered model, without loading it (for CPU decode workers)."""
-    if name not in REGISTRY:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    return Preprocess(size=REGISTRY[name].size, mode=preprocess_mode)
+    return Preprocess(size=_check_name(name).size, mode=preprocess_mode)

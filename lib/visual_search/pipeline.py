@@ -69,6 +69,7 @@ class EmbedBatch:
         preprocess_mode: str,
         device: str | None,
         threads: int | None,
+        head: str | None = None,
     ):
         import torch
 
@@ -82,6 +83,7 @@ class EmbedBatch:
             device=device,
             random_weights=random_weights,
             preprocess_mode=preprocess_mode,
+            head=head,
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:

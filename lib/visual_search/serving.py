@@ -8,12 +8,15 @@ joins the docs. Every query pins one index version end to end, so a reload never
 # No `from __future__ import annotations`: FastAPI must see the endpoint types at run time.
 import asyncio
 import contextlib
+import functools
 import hmac
+import json
 import logging
 import mimetypes
 import os
 import time
 from collections import OrderedDict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -22,9 +25,11 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
+from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from visual_search import embedders, images, query, storage, versions
+from visual_search.manifest import code_version
 
 log = logging.getLogger("visual_search.serving")
 STATIC = Path(__file__).parent / "static"
@@ -119,6 +124,68 @@ class _State:
 app = FastAPI(title="visual_search", docs_url="/docs")
 
 
+@functools.cache
+def _metrics() -> tuple[Counter, Histogram, Counter]:
+    """Built on first use, inside the replica, so Serve adds its deployment/replica tags."""
+    return (
+        Counter(
+            "visual_search_requests",
+            "HTTP requests answered by the ingress",
+            tag_keys=("route", "method", "status"),
+        ),
+        Histogram(
+            "visual_search_request_latency_ms",
+            "time in the ingress replica per request, until the last byte is sent (ms)",
+            boundaries=[5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000],
+            tag_keys=("route",),
+        ),
+        Counter(
+            "visual_search_errors",
+            "error answers by their JSON error code",
+            tag_keys=("route", "status", "code"),
+        ),
+    )
+
+
+class _Observe:
+    """ASGI wrapper that counts and times every request, and reads the code of error answers."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status, body = time.perf_counter(), 500, bytearray()
+
+        async def observed_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and status >= 400 and len(body) < 4096:
+                body.extend(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            # The route template, never the raw path: one series per endpoint, not per product.
+            route = getattr(scope.get("route"), "path", "unmatched")
+            requests, latency, errors = _metrics()
+            tags = {"route": route, "status": str(status)}
+            requests.inc(tags={**tags, "method": scope["method"]})
+            latency.observe((time.perf_counter() - started) * 1000, tags={"route": route})
+            if status >= 400:
+                try:
+                    code = json.loads(bytes(body))["error"]["code"]
+                except (ValueError, KeyError, TypeError):
+                    code = "internal_error" if status >= 500 else f"http_{status}"
+                errors.inc(tags={**tags, "code": str(code)})
+
+
+app.add_middleware(_Observe)
+
+
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc.status, exc.code, exc.message)
@@ -164,6 +231,7 @@ class Ingress:
             self.state.version.manifest.model.get("preprocess", {}).get("mode", "pad"),
         )
         self.limits = images.Limits(max_bytes=max_upload_bytes)
+        self.code_version = code_version()
 
     def _load(self, version: versions.Version) -> _State:
         if len(version.manifest.shards) != len(self.shards):
@@ -304,10 +372,14 @@ class Ingress:
     @app.get("/version")
     async def version(self) -> dict:
         m = self.state.version.manifest
+        built = datetime.fromtimestamp(m.created_unix, UTC)
         return {
             "index_version": m.version,
             "model": m.model,
+            "built": built.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "built_unix": m.created_unix,
+            "code_version": self.code_version,
+            "index_code_version": m.code_version,
             "count": m.count,
             "factory": m.factory,
             "search_params": m.search_params,
