@@ -16,6 +16,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,10 @@ GIB = 1 << 30
 
 class BuildError(RuntimeError):
     """The build cannot produce a version that meets its contract; nothing was published."""
+
+
+class GateError(BuildError):
+    """The version is complete and verified but a quality gate refused it: CURRENT stays put."""
 
 
 @dataclass(frozen=True)
@@ -83,8 +88,12 @@ def _tune(cfg: Config, grid: list[dict], filled: list[dict], query_ids: np.ndarr
     )
 
 
-def run(cfg: Config) -> IndexManifest:
-    """Build and publish one version; returns its manifest."""
+def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> IndexManifest:
+    """Build and publish one version; returns its manifest.
+
+    `gate`, when given, sees the complete, verified version before CURRENT moves and raises
+    GateError to refuse it (the version folder stays for inspection, CURRENT does not move).
+    """
     import ray
 
     started = time.time()
@@ -182,13 +191,15 @@ def run(cfg: Config) -> IndexManifest:
             "bytes": sum(r.bytes for r in records),
         },
     )
+    manifest.write(root)  # last in the version folder: the version is complete
+    if gate is not None:
+        gate(manifest)
     publish(cfg, root, manifest)
     return manifest
 
 
 def publish(cfg: Config, root: str, manifest: IndexManifest) -> None:
-    """manifest.json last in the version folder, then CURRENT, then pruning (best effort)."""
-    manifest.write(root)
+    """Move CURRENT to a complete version (its manifest written), then prune (best effort)."""
     previous = versions.current(cfg.index_root)
     versions.set_current(cfg.index_root, manifest.version)
     _say(f"published {manifest.version} (was {previous}); CURRENT -> {root}")

@@ -1,10 +1,16 @@
 """Full re-index: embed the catalog, build, verify and publish a new index version.
 
     python jobs/reindex.py --catalog URI --index-root URI [--work URI] [--shards N] [--model NAME]
+        [--head URI] [--eval-queries URI --min-recall R --max-drop D]
 
 This is the command platform engineers submit (`ray job submit ... -- python jobs/reindex.py`).
 The embeddings go to --work (default: {index-root}/work/embed-<catalog fingerprint>-<model>),
 so a rerun after a crash resumes the embedding where it stopped.
+
+Quality gate: with --eval-queries, the new version is evaluated (jobs/evaluate.py) after it is
+built and verified and before CURRENT moves; CURRENT stays on the live version (exit 2) when
+recall@10 is below --min-recall or more than --max-drop below the live version's on the same
+queries. The report stays in {version}/evaluation/ either way.
 """
 
 from __future__ import annotations
@@ -18,15 +24,86 @@ from dataclasses import dataclass
 if __package__ in (None, ""):  # run as a script: make the sibling jobs importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobs import build_index, embed
-from visual_search import catalog, embedders, embeddings, storage
+from jobs import build_index, embed, evaluate
+from visual_search import catalog, embedders, embeddings, storage, versions
 from visual_search.manifest import IndexManifest
+
+
+@dataclass(frozen=True)
+class Gate:
+    queries: str  # queries table (jobs/make_queries.py output, or labelled photos)
+    min_recall: float = 0.0  # refuse below this recall@k
+    max_drop: float = 0.02  # refuse when more than this below the live version
+    k: int = 10
 
 
 @dataclass(frozen=True)
 class Config:
     embed: embed.Config
     build: build_index.Config
+    gate: Gate | None = None
+
+
+def gate_recall(report: dict, k: int) -> tuple[str, float]:
+    """(level, recall@k) the gate judges: instance level when the queries name products."""
+    for level in ("instance", "category"):
+        if report.get(level):
+            return level, float(report[level][f"recall@{k}"])
+    raise build_index.GateError("the gate's queries have neither product_id nor category")
+
+
+def quality_gate(gate: Gate, index_root: str, weights: str | None = None):
+    """A build_index gate: evaluate the new version, and the live one on the same queries."""
+
+    def evaluate_version(version: str, out: str | None) -> dict:
+        cfg = evaluate.Config(
+            index_root=index_root,
+            queries=gate.queries,
+            version=version,
+            ks=tuple(sorted({1, 5, gate.k})),
+            out=out,
+            weights=weights,
+        )
+        return evaluate.run(cfg)
+
+    def check(manifest: IndexManifest) -> None:
+        out = storage.join(versions.version_root(index_root, manifest.version), "evaluation")
+        level, recall = gate_recall(evaluate_version(manifest.version, out), gate.k)
+        live = versions.current(index_root)
+        live_recall = gate_recall(evaluate_version(live, None), gate.k)[1] if live else None
+        reasons = []
+        if recall < gate.min_recall:
+            reasons.append(f"{level} recall@{gate.k} {recall:.4f} < --min-recall {gate.min_recall}")
+        if live_recall is not None and recall < live_recall - gate.max_drop:
+            reasons.append(
+                f"{level} recall@{gate.k} {recall:.4f} is more than {gate.max_drop} below the "
+                f"live version {live}'s {live_recall:.4f}"
+            )
+        decision = {
+            "version": manifest.version,
+            "live": live,
+            "level": level,
+            f"recall_at_{gate.k}": recall,
+            f"live_recall_at_{gate.k}": live_recall,
+            "gate": {"queries": gate.queries, "min_recall": gate.min_recall,
+                     "max_drop": gate.max_drop},
+            "passed": not reasons,
+            "reasons": reasons,
+        }  # fmt: skip
+        storage.write_json(storage.join(out, "gate.json"), decision)
+        if reasons:
+            raise build_index.GateError(
+                f"quality gate refused {manifest.version}: {'; '.join(reasons)}. CURRENT stays "
+                f"on {live}; report in {out}"
+            )
+        print(
+            f"[reindex] quality gate passed: {level} recall@{gate.k} {recall:.4f} "
+            f"(live {live_recall if live_recall is None else round(live_recall, 4)}, "
+            f"min {gate.min_recall}, max drop {gate.max_drop})",
+            flush=True,
+        )
+
+    return check
 
 
 def default_work(index_root: str, catalog_uri: str, model: dict) -> str:
@@ -43,7 +120,8 @@ def default_work(index_root: str, catalog_uri: str, model: dict) -> str:
 def run(cfg: Config) -> IndexManifest:
     started = time.time()
     embed.run(cfg.embed)
-    manifest = build_index.run(cfg.build)
+    gate = cfg.gate and quality_gate(cfg.gate, cfg.build.index_root, cfg.embed.weights)
+    manifest = build_index.run(cfg.build, gate=gate)
     print(
         f"[reindex] done in {time.time() - started:.1f}s: version {manifest.version}, "
         f"{manifest.count:,} vectors, {manifest.factory}, recall@10 "
@@ -62,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", help="state dict URI (required for resnet50 and clip-vit-b-32)")
     p.add_argument("--preprocess", default="pad", choices=["pad", "crop"])
     p.add_argument("--head", help="projection head file URI (jobs/train_head.py output)")
+    p.add_argument("--eval-queries", help="queries table: evaluate before publishing (the gate)")
+    p.add_argument("--min-recall", type=float, default=0.0, help="gate: lowest recall@10")
+    p.add_argument("--max-drop", type=float, default=Gate.max_drop, help="gate: largest drop")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--concurrency", type=int, help="embedding actors (default: GPUs, else 1)")
     for action in p._actions:
@@ -88,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                 s3_endpoint=args.s3_endpoint,
             ),
             build=build_index.config_from_args(args, embeddings_uri=work),
+            gate=args.eval_queries
+            and Gate(args.eval_queries, min_recall=args.min_recall, max_drop=args.max_drop),
         )
         run(cfg)
     except (
