@@ -5,8 +5,8 @@
 
 For each sampled product (--limit: how many products, seeded; default all), --per-product
 queries, each from one of its photos (seeded pick), transformed as a shopper's photo of it
-would differ from the catalog shot: random crop keeping 60-90% of each side, rotation up to
-±20° (corners filled as background), background change (the near-white background connected to
+would differ from the catalog shot: random crop keeping 75-95% of each side, rotation up to
+±15° (corners filled as background), background change (the near-white background connected to
 the border, where transparent sources end up too, replaced by a random colour, gradient or
 noise), brightness / contrast / saturation / white-balance shifts, JPEG recompression at quality
 50-90. Every query has its own generator seeded from (--seed, query number), so the output is
@@ -46,6 +46,9 @@ WHITE = 235
 # Background connectivity is traced on a grid of at most this many cells per side.
 GRID = 64
 BACKGROUNDS = ("solid", "gradient", "noise")
+# A re-photographed product is mostly in frame: each side keeps 75-95% of the catalog shot.
+CROP = (0.75, 0.95)
+MAX_ROTATE = 15.0
 
 
 class QueryGenError(ValueError):
@@ -77,12 +80,12 @@ def draw_params(rng: np.random.Generator) -> dict:
     def u(lo: float, hi: float, digits: int = 4) -> float:
         return round(float(rng.uniform(lo, hi)), digits)
 
-    w, h = u(0.6, 0.9), u(0.6, 0.9)
+    w, h = u(CROP[0], CROP[1]), u(CROP[0], CROP[1])
     left, top = u(0, 1 - w), u(0, 1 - h)
     colours = rng.integers(0, 256, (2, 3)).tolist()
     return {
         "crop": [left, top, round(left + w, 4), round(top + h, 4)],
-        "rotate_deg": u(-20, 20, 2),
+        "rotate_deg": u(-MAX_ROTATE, MAX_ROTATE, 2),
         "background": {
             "kind": BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))],
             "colours": colours,

@@ -87,9 +87,10 @@ def test_parameters_are_recorded_and_reproduce_the_image(made):
     for row in table.to_pylist():
         p = json.loads(row["augment"])
         left, top, right, bottom = p["crop"]
-        assert 0.6 <= right - left <= 0.9 + 1e-4 and 0.6 <= bottom - top <= 0.9 + 1e-4
+        lo, hi = make_queries.CROP
+        assert lo <= right - left <= hi + 1e-4 and lo <= bottom - top <= hi + 1e-4
         assert min(left, top) >= 0 and max(right, bottom) <= 1
-        assert abs(p["rotate_deg"]) <= 20
+        assert abs(p["rotate_deg"]) <= make_queries.MAX_ROTATE
         assert 50 <= p["jpeg_quality"] <= 90
         assert p["background"]["kind"] in make_queries.BACKGROUNDS
         assert 0 <= p["background_fraction"] <= 1
