@@ -65,6 +65,9 @@ def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
         "connect_timeout": 10,
         "request_timeout": 60,
+        # Small writes (CURRENT, manifests) become one PUT; only files over the part size go
+        # through a multipart upload (which S3 also completes atomically).
+        "allow_delayed_open": True,
     }
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
