@@ -29,10 +29,16 @@ class AppArgs(BaseModel):
     embedder_cpus: float = Field(1.0, ge=0)
     shard_cpus: float = Field(0.25, ge=0)
     embedder_threads: int = Field(0, ge=0, description="torch threads (0: Ray's default)")
+    embed_in_ingress: bool = Field(
+        False,
+        description="embed queries in the ingress replicas (one hop less: best on small CPU "
+        "nodes); default: a QueryEmbedder deployment that scales apart (GPU clusters)",
+    )
 
 
 def build_app(args: AppArgs) -> Application:
-    """Ingress -> QueryEmbedder + one ShardSearcher deployment per shard of the CURRENT version."""
+    """Ingress -> QueryEmbedder (or the model inside the ingress) + one ShardSearcher deployment
+    per shard of the CURRENT version."""
     if args.s3_endpoint:
         storage.configure(args.s3_endpoint)
     index_root = storage.normalize(args.index_root)
@@ -46,16 +52,21 @@ def build_app(args: AppArgs) -> Application:
         ).bind(index_root, i, args.s3_endpoint, args.mmap)
         for i in range(len(manifest.shards))
     ]
-    embedder = QueryEmbedder.options(
-        num_replicas=args.embedder_replicas,
-        # Serve's default (5) would cap the @serve.batch batches at 5 queries.
-        max_ongoing_requests=2 * args.max_inflight,
-        ray_actor_options={"num_cpus": args.embedder_cpus},
-    ).bind(manifest.model, args.weights, args.device, args.embedder_threads)
+    embedding = {"weights": args.weights, "device": args.device, "threads": args.embedder_threads}
+    if args.embed_in_ingress:
+        embedder, local, ingress_cpus = None, embedding, args.ingress_cpus + args.embedder_cpus
+    else:
+        embedder = QueryEmbedder.options(
+            num_replicas=args.embedder_replicas,
+            # Serve's default (5) would cap the @serve.batch batches at 5 queries.
+            max_ongoing_requests=2 * args.max_inflight,
+            ray_actor_options={"num_cpus": args.embedder_cpus},
+        ).bind(manifest.model, **embedding)
+        local, ingress_cpus = None, args.ingress_cpus
     return Ingress.options(
         max_ongoing_requests=args.max_inflight + 16,
         max_queued_requests=4 * args.max_inflight,
-        ray_actor_options={"num_cpus": args.ingress_cpus},
+        ray_actor_options={"num_cpus": ingress_cpus},
     ).bind(
         embedder,
         shards,
@@ -64,4 +75,5 @@ def build_app(args: AppArgs) -> Application:
         args.max_upload_bytes,
         args.max_inflight,
         args.api_key_env,
+        local,
     )

@@ -22,7 +22,7 @@ def s3_then_ray():
         import ray
 
         os.environ.pop("RAY_ADDRESS", None)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             yield s3
         finally:

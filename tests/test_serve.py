@@ -132,7 +132,7 @@ def svc(tmp_path_factory):
     previous_key = os.environ.get(KEY_ENV)
     os.environ[KEY_ENV] = API_KEY  # before ray.init: the replicas inherit the environment
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         embed.run(embed.Config(catalog=str(root / "catalog.parquet"), out=work, batch_size=16))
         manifest = build_index.run(
@@ -287,6 +287,30 @@ def test_rotated_and_cropped_copy_is_in_top_3(svc):
     for name, pid, degrees in (("p003.jpg", "p003", 12), ("p021.jpg", "p021", -14)):
         body = assert_answer(svc.search(rotated_cropped(svc.files[name], degrees), k=3))
         assert pid in pids(body), (pid, body["results"])
+
+
+def test_embedding_inside_the_ingress_gives_the_same_answers(svc):
+    """AppArgs.embed_in_ingress: one hop less, the same model, the same results."""
+    from ray import serve
+
+    from serve.app import AppArgs, build_app
+
+    args = AppArgs(index_root=svc.index_root, embed_in_ingress=True, ingress_cpus=0.1,
+                   embedder_cpus=0.3, shard_cpus=0.05)  # fmt: skip
+    serve.run(build_app(args), name="vs-local", route_prefix="/local")
+    try:
+        for name in ("p007.jpg", "p014.png"):
+            want = assert_answer(svc.search(svc.files[name], k=5))
+            got = assert_answer(
+                svc.post("/local/search", params={"k": 5}, data=svc.files[name],
+                         headers={"Content-Type": "application/octet-stream"})
+            )  # fmt: skip
+            assert pids(got) == pids(want)
+            for a, b in zip(got["results"], want["results"], strict=True):
+                assert abs(a["score"] - b["score"]) < 1e-4
+        assert_error(svc.post("/local/search", data=b"not an image"), 415, "not_an_image")
+    finally:
+        serve.delete("vs-local")
 
 
 def test_one_result_per_product(svc):

@@ -93,9 +93,9 @@ class ShardSearcher:
         return await asyncio.to_thread(shard.reconstruct, gid)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1})
-class QueryEmbedder:
-    """The index's own model; batches concurrent queries into one forward pass."""
+class BatchedEmbedder:
+    """The index's own model; batches concurrent queries into one forward pass. Runs as the
+    QueryEmbedder deployment, or inside the ingress (AppArgs.embed_in_ingress)."""
 
     def __init__(self, model: dict, weights: str | None, device: str | None, threads: int):
         import torch
@@ -110,6 +110,11 @@ class QueryEmbedder:
     async def embed(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
         vectors = await asyncio.to_thread(self.embedder.embed, np.stack(pixels))
         return list(vectors)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class QueryEmbedder(BatchedEmbedder):
+    """A deployment of its own: GPU embedders scale apart from the HTTP tier."""
 
 
 class _State:
@@ -215,7 +220,10 @@ class Ingress:
         max_upload_bytes: int,
         max_inflight: int,
         api_key_env: str,
+        local_embedder: dict | None = None,
     ):
+        """`embedder`: the QueryEmbedder handle, or None with `local_embedder` = the
+        BatchedEmbedder arguments (weights, device, threads) to embed in this replica."""
         if s3_endpoint:
             storage.configure(s3_endpoint)
         self.embedder, self.shards = embedder, shards
@@ -232,6 +240,9 @@ class Ingress:
         )
         self.limits = images.Limits(max_bytes=max_upload_bytes)
         self.code_version = code_version()
+        self.local = None
+        if embedder is None:
+            self.local = BatchedEmbedder(self.state.version.manifest.model, **local_embedder)
 
     def _load(self, version: versions.Version) -> _State:
         if len(version.manifest.shards) != len(self.shards):
@@ -288,7 +299,10 @@ class Ingress:
             pixels = await asyncio.to_thread(images.load, data, self.preprocess, self.limits)
         except images.ImageError as exc:
             raise ApiError(IMAGE_STATUS.get(exc.code, 422), exc.code, exc.detail) from exc
-        vector = await self.embedder.embed.remote(pixels)
+        if self.local is not None:
+            vector = await self.local.embed(pixels)
+        else:
+            vector = await self.embedder.embed.remote(pixels)
         return np.asarray(vector, np.float32)[None]
 
     async def _search(self, state: _State, vector, k, category, exclude=None) -> list[dict]:
