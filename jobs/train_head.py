@@ -1,7 +1,7 @@
 """Train a projection head on stored backbone features (an embeddings dataset), with Ray Train.
 
     python jobs/train_head.py --embeddings URI --labels category --out URI [--dim 256]
-        [--method metric|pca] [--kind mlp|linear] [--epochs 40] [--workers N]
+        [--method metric|pca] [--kind mlp|linear] [--epochs 40] [--workers N] [--views URI]
 
 `--method metric` (default) learns a head with a metric-learning loss on the labels: a cosine
 softmax over one learned proxy per label with an additive margin (CosFace / normalised-softmax
@@ -9,6 +9,10 @@ family), plus a term that keeps the head's similarities between items close to t
 backbone's, so that photos of one product stay closer than two products of one category.
 It runs as a Ray Train `TorchTrainer` (CPU workers here, one GPU per worker when the cluster has
 GPUs), reading the features through Ray Data, so it is cheap: no image is decoded again.
+`--views URI` adds instance-level learning: the embeddings of re-photographed copies of the
+training catalog (`jobs/make_queries.py --catalog TRAIN`, then `jobs/embed.py` on its
+queries.parquet); each copy must find its own catalog photo among the batch's (InfoNCE), so the
+head becomes invariant to crops, backgrounds and colour shifts while keeping products apart.
 `--method pca` fits PCA-whitening on the features instead (no labels needed).
 
 The output is a head file (`visual_search.heads`); embed or re-index with it:
@@ -51,6 +55,9 @@ class Config:
     weight_decay: float = 1e-4
     margin: float = 0.1
     scale: float = 24.0
+    views: str | None = None  # embeddings of re-photographed copies (see the module doc)
+    instance_weight: float = 1.0  # weight of the copy -> catalog photo (InfoNCE) term
+    temperature: float = 0.05
     preserve: float = 0.5  # weight of the term that keeps the backbone's neighbourhoods
     pca_shrinkage: float = 0.1
     val_frac: float = 0.1
@@ -66,8 +73,8 @@ class TrainError(ValueError):
     """The inputs cannot give a head (no labels, too few items, bad options)."""
 
 
-def load_features(uri: str, labels: str) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
-    """(vectors, label codes, label names, backbone model) of every row with a label."""
+def load_features(uri: str, labels: str):
+    """(vectors, label codes, label names, product ids, backbone model) of every labelled row."""
     ds = embeddings.open_dataset(uri)
     table = ds.read_range(0, ds.count)
     if labels not in table.column_names:
@@ -80,7 +87,27 @@ def load_features(uri: str, labels: str) -> tuple[np.ndarray, np.ndarray, list[s
     classes, codes = np.unique(np.array([n for n in names if n]), return_inverse=True)
     if len(classes) < 2 or len(x) < 10:
         raise TrainError(f"{uri}: need >= 2 labels and >= 10 labelled rows, got {len(classes)}")
-    return x, codes.astype(np.int64), classes.tolist(), ds.manifest.model
+    pids = np.array(table["product_id"].to_pylist(), dtype=object)[keep]
+    return x, codes.astype(np.int64), classes.tolist(), pids, ds.manifest.model
+
+
+def load_views(uri: str, model: dict, pids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(catalog row of each view, view vectors) for the views of the given products."""
+    ds = embeddings.open_dataset(uri)
+    if {k: ds.manifest.model.get(k) for k in ("model_id", "weights")} != {
+        k: model.get(k) for k in ("model_id", "weights")
+    } or "head" in ds.manifest.model:
+        raise TrainError(f"{uri}: views were embedded with another model than the catalog")
+    table = ds.read_range(0, ds.count, columns=["product_id", "embedding"])
+    row_of = {pid: i for i, pid in reversed(list(enumerate(pids)))}
+    rows = np.array([row_of.get(pid, -1) for pid in table["product_id"].to_pylist()])
+    return rows[rows >= 0], ds.vectors(table)[rows >= 0]
+
+
+def instance_recall_at_1(views, view_rows, gallery, gallery_pids) -> float:
+    """Share of views whose nearest gallery row (cosine) is a photo of their own product."""
+    top = np.argmax(views @ gallery.T, axis=1)
+    return float(np.mean(gallery_pids[top] == gallery_pids[view_rows]))
 
 
 def split(codes: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -141,10 +168,25 @@ def _train_loop(config: dict) -> None:
             batch_size=config["batch_size"], local_shuffle_buffer_size=4 * config["batch_size"]
         )
         for batch in batches:
-            x, y = batch["x"].to(device).float(), batch["y"].to(device).long()
-            z, cos = model(x)
-            margin = nn.functional.one_hot(y, cos.shape[1]) * config["margin"]
-            loss = nn.functional.cross_entropy(config["scale"] * (cos - margin), y)
+            x, xp = batch["x"].to(device).float(), batch["xp"].to(device).float()
+            y, pid = batch["y"].to(device).long(), batch["pid"].to(device).long()
+            pos = batch["pos"].to(device).bool()
+            z_all, cos_all = model(torch.cat([x, xp]))  # one forward: DDP syncs once
+            z, zp = z_all.chunk(2)
+            y2 = torch.cat([y, y])
+            margin = nn.functional.one_hot(y2, cos_all.shape[1]) * config["margin"]
+            loss = nn.functional.cross_entropy(config["scale"] * (cos_all - margin), y2)
+            if config["instance_weight"] and pos.sum() > 1:
+                # Each copy must find its own catalog photo among the batch's photos.
+                zs, zps, ps = z[pos], zp[pos], pid[pos]
+                logits = zps @ zs.T / config["temperature"]
+                same = (ps[:, None] == ps[None, :]) & ~torch.eye(len(ps), dtype=torch.bool,
+                                                                 device=device)  # fmt: skip
+                logits = logits.masked_fill(same, float("-inf"))
+                target = torch.arange(len(ps), device=device)
+                loss = loss + config["instance_weight"] * nn.functional.cross_entropy(
+                    logits, target
+                )
             if config["preserve"]:
                 xn = nn.functional.normalize(x, dim=1)
                 loss = loss + config["preserve"] * ((z @ z.T - xn @ xn.T) ** 2).mean()
@@ -163,7 +205,24 @@ def _train_loop(config: dict) -> None:
             ray.train.report(metrics)
 
 
-def _train_metric(cfg: Config, x: np.ndarray, codes: np.ndarray, n_classes: int) -> heads.Head:
+def training_rows(
+    x: np.ndarray, codes: np.ndarray, rows: np.ndarray, views: tuple | None
+) -> dict[str, np.ndarray]:
+    """One row per training photo (its own positive) and one per (photo, re-photographed copy)."""
+    pid = np.arange(len(x))  # catalog row = product key for the in-batch masking
+    out = {"x": x[rows], "xp": x[rows], "y": codes[rows], "pid": pid[rows],
+           "pos": np.zeros(len(rows), bool)}  # fmt: skip
+    if views is not None:
+        view_rows, view_x = views
+        keep = np.isin(view_rows, rows)
+        r = view_rows[keep]
+        extra = {"x": x[r], "xp": view_x[keep], "y": codes[r], "pid": pid[r],
+                 "pos": np.ones(len(r), bool)}  # fmt: skip
+        out = {k: np.concatenate([out[k], extra[k]]) for k in out}
+    return out
+
+
+def _train_metric(cfg: Config, data: dict[str, np.ndarray], n_classes: int) -> heads.Head:
     import ray
     import ray.train
     import torch
@@ -173,11 +232,14 @@ def _train_metric(cfg: Config, x: np.ndarray, codes: np.ndarray, n_classes: int)
     cluster.init()
     gpus = devices.cluster_gpus()
     workers = cfg.workers or (max(1, int(gpus)) if gpus else 1)
+    x = data["x"]
     # A PCA-whitening start: the metric loss then only has to bend an already good space.
     init = heads.pca_whitening(x, cfg.dim, cfg.pca_shrinkage) if cfg.kind == "linear" else None
-    data = ray.data.from_arrow(
-        pa.table({"x": ArrowTensorArray.from_numpy(x.astype(np.float32)), "y": codes})
-    )
+    columns = {
+        k: ArrowTensorArray.from_numpy(v.astype(np.float32)) if v.ndim == 2 else v
+        for k, v in data.items()
+    }
+    dataset = ray.data.from_arrow(pa.table(columns))
     tmp = None if cfg.train_storage else tempfile.mkdtemp(prefix="train-head-")
     fs, storage_path = storage.resolve(cfg.train_storage) if cfg.train_storage else (None, tmp)
     trainer = TorchTrainer(
@@ -186,7 +248,7 @@ def _train_metric(cfg: Config, x: np.ndarray, codes: np.ndarray, n_classes: int)
             "in_dim": x.shape[1],
             "classes": n_classes,
             "init": None if init is None else init.state_dict(),
-            **{k: v for k, v in asdict(cfg).items() if k not in ("embeddings", "out")},
+            **{k: v for k, v in asdict(cfg).items() if k not in ("embeddings", "out", "views")},
         },
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=bool(gpus)),
         run_config=ray.train.RunConfig(
@@ -195,11 +257,12 @@ def _train_metric(cfg: Config, x: np.ndarray, codes: np.ndarray, n_classes: int)
             storage_filesystem=fs,
             worker_runtime_env=cluster.runtime_env(),
         ),
-        datasets={"train": data},
+        datasets={"train": dataset},
     )
     print(
         f"[train_head] Ray Train: {workers} worker(s) on {'GPU' if gpus else 'CPU'}, "
-        f"{len(x):,} vectors, {n_classes} labels, {cfg.epochs} epochs",
+        f"{len(x):,} rows ({int(data['pos'].sum()):,} with a re-photographed copy), "
+        f"{n_classes} labels, {cfg.epochs} epochs",
         flush=True,
     )
     try:
@@ -229,7 +292,7 @@ def run(cfg: Config) -> dict:
         storage.configure(cfg.s3_endpoint)
     if cfg.method not in ("metric", "pca"):
         raise TrainError(f"unknown method {cfg.method!r} (metric or pca)")
-    x, codes, classes, model = load_features(cfg.embeddings, cfg.labels)
+    x, codes, classes, pids, model = load_features(cfg.embeddings, cfg.labels)
     if not 0 < cfg.dim <= x.shape[1]:
         raise TrainError(f"--dim {cfg.dim} must be in [1, {x.shape[1]}]")
     train, val = split(codes, cfg.val_frac, cfg.seed) if cfg.val_frac else (np.arange(len(x)), [])
@@ -238,10 +301,11 @@ def run(cfg: Config) -> dict:
         f"{len(classes)} {cfg.labels!r} labels; {len(train):,} train, {len(val):,} held out",
         flush=True,
     )
+    views = load_views(cfg.views, model, pids) if cfg.views else None
     if cfg.method == "pca":
         head = heads.pca_whitening(x[train], cfg.dim, cfg.pca_shrinkage)
     else:
-        head = _train_metric(cfg, x[train], codes[train], len(classes))
+        head = _train_metric(cfg, training_rows(x, codes, train, views), len(classes))
     report = {"method": cfg.method, "kind": head.kind, "dim": cfg.dim, "labels": cfg.labels}
     if len(val):
         # Held-out items query the training items: how often their neighbours share the label.
@@ -252,6 +316,18 @@ def run(cfg: Config) -> dict:
         print(
             f"[train_head] held-out label precision@10: backbone {before:.4f} "
             f"({x.shape[1]}-d) -> head {after:.4f} ({cfg.dim}-d)",
+            flush=True,
+        )
+    if len(val) and views is not None and np.isin(views[0], val).any():
+        # Held-out copies look for their own photo among all catalog photos.
+        held = np.isin(views[0], val)
+        rows_v, vx = views[0][held], views[1][held]
+        before = instance_recall_at_1(vx, rows_v, x, pids)
+        after = instance_recall_at_1(_project(head, vx), rows_v, _project(head, x), pids)
+        report["val_instance_recall_at_1"] = {"backbone": round(before, 4), "head": round(after, 4)}
+        print(
+            f"[train_head] held-out copies, recall@1 of their own product: backbone "
+            f"{before:.4f} -> head {after:.4f}",
             flush=True,
         )
     report["seconds"] = round(time.time() - started, 1)
@@ -283,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--margin", type=float, default=Config.margin)
     p.add_argument("--scale", type=float, default=Config.scale)
     p.add_argument("--preserve", type=float, default=Config.preserve)
+    p.add_argument("--views", help="embeddings of re-photographed copies of the catalog")
+    p.add_argument("--instance-weight", type=float, default=Config.instance_weight)
     p.add_argument("--val-frac", type=float, default=Config.val_frac)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, help="Ray Train workers (default: GPUs, else 1)")
@@ -303,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         margin=args.margin,
         scale=args.scale,
         preserve=args.preserve,
+        views=args.views,
+        instance_weight=args.instance_weight,
         val_frac=args.val_frac,
         seed=args.seed,
         workers=args.workers,
