@@ -8,7 +8,9 @@
    instance ground truth ambiguous), split by content hash into train / eval, so no evaluated
    item is trained on.
 2. Embeddings (jobs/embed.py): train with the plain backbone; eval with each variant.
-3. Heads (jobs/train_head.py) on the train features: PCA-whitening and the metric-learning head.
+3. Heads (jobs/train_head.py) on the train features: PCA-whitening and the metric-learning head,
+   with and without instance-level learning on re-photographed copies of the train photos
+   (jobs/make_queries.py over the train catalog, other seed, 2 copies per product).
 4. One index per eval variant (jobs/build_index.py), queries made from eval photos
    (jobs/make_queries.py), and jobs/evaluate.py: instance level on the augmented queries,
    category level leave-one-out over every eval photo (category folders as labels).
@@ -18,6 +20,7 @@ Every step is skipped when its output exists, so a rerun resumes; --fresh starts
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -40,6 +43,7 @@ VARIANTS = {
     "gem": ({"model": "efficientnet_lite0_gem"}, None),
     "pca256": ({}, {"method": "pca", "dim": 256}),
     "metric256": ({}, {"method": "metric", "dim": 256}),
+    "metric256_views": ({}, {"method": "metric", "dim": 256, "views": True}),
 }
 
 
@@ -80,10 +84,28 @@ def embed_once(catalog: str, out: str, **opts) -> str:
     return out
 
 
+def train_views(train_catalog: str, w) -> str:
+    """Embeddings of 2 re-photographed copies of every train photo (the head's instance task)."""
+    table = w("train-aug", "queries.parquet")
+    if not os.path.exists(table):
+        cfg = make_queries.Config(train_catalog, w("train-aug"), per_product=2, seed=7)
+        make_queries.run(cfg)
+    return embed_once(table, w("emb-train-aug"))
+
+
 def index_once(embeddings: str, root: str) -> str:
     if versions.current(root) is None:
         build_index.run(build_index.Config(embeddings=embeddings, index_root=root))
     return root
+
+
+def evaluate_once(out: str, cfg: evaluate.Config) -> dict:
+    """The evaluation report (report.json, summary.md, recall.png under `out`)."""
+    report = os.path.join(out, "report.json")
+    if not os.path.exists(report):
+        evaluate.run(dataclasses.replace(cfg, out=out))
+    with open(report) as f:
+        return json.load(f)
 
 
 def pick(summary: dict | None, key: str) -> float | None:
@@ -116,14 +138,20 @@ def main(argv: list[str] | None = None) -> int:
         opts, head = VARIANTS[name]
         if head:
             head_uri = w(f"head-{name}.pt")
+            if head.get("views"):
+                head = {**head, "views": train_views(train_cat, w)}
             if not os.path.exists(head_uri):
                 train_head.run(train_head.Config(embeddings=train_emb, out=head_uri, **head))
             opts = {**opts, "head": head_uri}
         emb = embed_once(eval_cat, w(f"emb-eval-{name}"), **opts)
         root = index_once(emb, w(f"index-{name}"))
-        inst = evaluate.run(evaluate.Config(index_root=root, queries=queries, ks=(1, 5, 10)))
-        cat = evaluate.run(
-            evaluate.Config(index_root=root, leave_one_out=True, limit=0, ks=(1, 5, 10))
+        inst = evaluate_once(
+            w(f"eval-{name}", "instance"),
+            evaluate.Config(index_root=root, queries=queries, ks=(1, 5, 10)),
+        )
+        cat = evaluate_once(
+            w(f"eval-{name}", "category"),
+            evaluate.Config(index_root=root, leave_one_out=True, limit=0, ks=(1, 5, 10)),
         )
         rows[name] = {
             "dim": inst["model"]["dim"],

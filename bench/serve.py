@@ -639,6 +639,7 @@ def parse_args(argv):
     p.add_argument("--embedder-replicas", type=int, default=1)
     p.add_argument("--embedder-threads", type=int, default=0, help="torch threads, 0: all cores")
     p.add_argument("--shard-replicas", type=int, default=1)
+    p.add_argument("--embed-in-ingress", action="store_true", help="AppArgs.embed_in_ingress")
     p.add_argument("--max-inflight", type=int, default=64)
     p.add_argument("--ray-logs", action="store_true", help="stream replica logs to this console")
     p.add_argument("--cache", default=os.path.join(REPO, ".cache"))
@@ -717,6 +718,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = {}
         if "embedder_threads" in AppArgs.model_fields:
             extra["embedder_threads"] = args.embedder_threads
+        if args.embed_in_ingress:
+            extra["embed_in_ingress"] = True
         app_args = AppArgs(
             **extra,
             index_root=index_root,
