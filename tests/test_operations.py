@@ -430,6 +430,19 @@ def test_reindex_job_with_local_paths(head, shop, tmp_path):
     assert manifest.version == current and manifest.count == N_PRODUCTS
     assert len(list((index_root / "versions" / current).glob("shard-*.faiss"))) == 2
 
+    # The evaluation job runs the same way, on the version just published.
+    out = tmp_path / "eval"
+    r = head.submit(
+        f"vs-evaluate-{secrets.token_hex(4)}",
+        "python", "jobs/evaluate.py", "--index-root", str(index_root), "--leave-one-out",
+        "--k", "1,5", "--out", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert re.search(r"^\[evaluate\] category mAP@5 ", r.stdout, re.M), r.stdout[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["version"] == current and report["evaluated"] > 0
+    assert (out / "summary.md").exists() and (out / "recall.png").exists()
+
 
 def test_reindex_job_publishes_a_version_on_s3(head, reindex_job, s3):
     r = reindex_job["result"]
