@@ -292,6 +292,8 @@ def run(cfg: Config) -> dict:
         storage.configure(cfg.s3_endpoint)
     if cfg.method not in ("metric", "pca"):
         raise TrainError(f"unknown method {cfg.method!r} (metric or pca)")
+    if cfg.views and cfg.method != "metric":
+        raise TrainError("--views trains the metric head: it has no use with --method pca")
     x, codes, classes, pids, model = load_features(cfg.embeddings, cfg.labels)
     if not 0 < cfg.dim <= x.shape[1]:
         raise TrainError(f"--dim {cfg.dim} must be in [1, {x.shape[1]}]")
