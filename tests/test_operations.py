@@ -57,6 +57,7 @@ N_PRODUCTS = 12
 SIZE = (160, 120)
 JOB_TIMEOUT = 300  # seconds for one `ray job submit` to finish
 READY_TIMEOUT = 240  # seconds for the head or the Serve apps to come up
+AGENT_TIMEOUT = 120  # seconds for the head's job agent to accept a first submission
 # Where the S3 endpoint may hide in an environment: neither the head nor the CLIs have it.
 ENDPOINT_ENVS = (storage.ENDPOINT_ENV, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 # Only the head has credentials (as a cloud node has its instance role), the operator's CLIs not.
@@ -172,12 +173,19 @@ class Head:
         return _run([str(BIN / args[0]), *args[1:]], env, timeout)
 
     def submit(self, submission_id: str, *entrypoint: str) -> subprocess.CompletedProcess:
-        return self.cli(
-            "ray", "job", "submit", "--address", self.dashboard,
-            "--submission-id", submission_id,
-            "--working-dir", ".", "--runtime-env-json", PY_MODULES,
-            "--", *entrypoint,
-        )  # fmt: skip
+        # Right after start the dashboard may not have its job agent yet ("No available agent
+        # to submit job, please try again later"): no job was created then, so try again.
+        deadline = time.monotonic() + AGENT_TIMEOUT
+        while True:
+            r = self.cli(
+                "ray", "job", "submit", "--address", self.dashboard,
+                "--submission-id", submission_id,
+                "--working-dir", ".", "--runtime-env-json", PY_MODULES,
+                "--", *entrypoint,
+            )  # fmt: skip
+            if "No available agent" not in r.stdout or time.monotonic() > deadline:
+                return r
+            time.sleep(2)
 
     def job_logs(self, submission_id: str) -> str:
         r = self.cli("ray", "job", "logs", "--address", self.dashboard, submission_id, timeout=120)
