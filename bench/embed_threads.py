@@ -48,21 +48,19 @@ async def timed_async(call, repeats: int) -> float:
 
 
 class Probe:
-    """An async actor (like a Serve replica) holding the model."""
+    """An async actor (like a Serve replica) holding the model; torch's threads are set in
+    the constructor, as QueryEmbedder does."""
 
-    def __init__(self):
+    def __init__(self, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
         self.embedder = embedders.create(device="cpu")
 
-    async def loop_thread(self, threads: int, repeats: int) -> float:
-        import torch
-
-        torch.set_num_threads(threads)
+    async def loop_thread(self, repeats: int) -> float:
         return timed(lambda: self.embedder.embed(PIXELS), repeats)
 
-    async def worker_thread(self, threads: int, repeats: int) -> float:
-        import torch
-
-        torch.set_num_threads(threads)
+    async def worker_thread(self, repeats: int) -> float:
         return await timed_async(lambda: asyncio.to_thread(self.embedder.embed, PIXELS), repeats)
 
 
@@ -76,12 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
-        probe = ray.remote(num_cpus=args.cpus)(Probe).remote()
         results = {"cores": os.cpu_count(), "actor_num_cpus": args.cpus}
         for threads in (1, 2):
+            probe = ray.remote(num_cpus=args.cpus)(Probe).remote(threads)
             for where in ("loop_thread", "worker_thread"):
-                ms = ray.get(getattr(probe, where).remote(threads, args.repeats))
+                ms = ray.get(getattr(probe, where).remote(args.repeats))
                 results[f"actor_{where}_{threads}_threads_ms"] = ms
+            ray.kill(probe)
         local = embedders.create(device="cpu")
         results["this_process_ms"] = timed(lambda: local.embed(PIXELS), args.repeats)
     finally:

@@ -98,8 +98,8 @@ class BatchedEmbedder:
     QueryEmbedder deployment, or inside the ingress (AppArgs.embed_in_ingress)."""
 
     # Run the forward pass on the event loop's thread (blocking it) instead of a worker thread.
-    # Measured in a Ray actor on 2 cores: one image takes ~19 ms there with 2 torch threads,
-    # but ~37 ms from asyncio.to_thread (the OpenMP team then competes with the loop thread).
+    # bench/embed_threads.py, a Ray actor on 2 cores with 2 torch threads set at construction:
+    # one image takes ~17 ms on the loop thread but ~34 ms through asyncio.to_thread.
     # Right for a replica that only embeds; the ingress keeps its loop free instead.
     blocking = False
 
