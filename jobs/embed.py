@@ -369,16 +369,43 @@ def run(cfg: Config) -> EmbeddingsManifest:
     return manifest
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The catalog and model options this job shares with jobs/reindex.py."""
     p.add_argument("--catalog", required=True, help="catalog table or image folder/prefix URI")
-    p.add_argument("--out", required=True, help="output dataset URI (local path or s3://)")
     p.add_argument("--model", default=embedders.DEFAULT_MODEL, choices=sorted(embedders.REGISTRY))
     p.add_argument("--weights", help="state dict URI (required for resnet50 and clip-vit-b-32)")
     p.add_argument("--preprocess", default="pad", choices=["pad", "crop"])
     p.add_argument("--head", help="projection head file URI (jobs/train_head.py output)")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call")
     p.add_argument("--concurrency", type=int, help="embedding actors (default: GPUs, else 1)")
+
+
+def config_from_args(args: argparse.Namespace, out: str | None = None) -> Config:
+    """Config from this job's arguments, or from jobs/reindex.py's subset (the rest default)."""
+    given = vars(args)
+    names = ("threads_per_actor", "partition_size", "device", "overwrite")
+    extra = {k: given[k] for k in names if given.get(k) is not None}
+    if "max_bytes" in given:
+        extra["limits"] = images.Limits(args.max_bytes, args.max_pixels, args.min_side)
+    return Config(
+        catalog=args.catalog,
+        out=out or args.out,
+        model=args.model,
+        weights=args.weights,
+        preprocess=args.preprocess,
+        head=args.head,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        gpus=args.gpus,
+        s3_endpoint=args.s3_endpoint,
+        **extra,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--out", required=True, help="output dataset URI (local path or s3://)")
     p.add_argument("--gpus", type=int, help=devices.GPUS_HELP)
     p.add_argument("--threads-per-actor", type=int, help="torch threads per CPU actor")
     p.add_argument("--partition-size", type=int, default=1000, help="rows per output file")
@@ -394,23 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = Config(
-        catalog=args.catalog,
-        out=args.out,
-        model=args.model,
-        weights=args.weights,
-        preprocess=args.preprocess,
-        head=args.head,
-        batch_size=args.batch_size,
-        concurrency=args.concurrency,
-        gpus=args.gpus,
-        threads_per_actor=args.threads_per_actor,
-        partition_size=args.partition_size,
-        limits=images.Limits(args.max_bytes, args.max_pixels, args.min_side),
-        device=args.device,
-        s3_endpoint=args.s3_endpoint,
-        overwrite=args.overwrite,
-    )
+    cfg = config_from_args(args)
     try:
         run(cfg)
     except (catalog.CatalogError, storage.StorageError, JobError, ValueError) as exc:

@@ -134,17 +134,11 @@ def run(cfg: Config) -> IndexManifest:
 def main(argv: list[str] | None = None) -> int:
     p = build_index.build_parser()
     p.description = __doc__
-    p.add_argument("--catalog", required=True, help="catalog table or image folder/prefix URI")
+    embed.add_model_arguments(p)
     p.add_argument("--work", help="embeddings dataset URI (default: under --index-root)")
-    p.add_argument("--model", default=embedders.DEFAULT_MODEL, choices=sorted(embedders.REGISTRY))
-    p.add_argument("--weights", help="state dict URI (required for resnet50 and clip-vit-b-32)")
-    p.add_argument("--preprocess", default="pad", choices=["pad", "crop"])
-    p.add_argument("--head", help="projection head file URI (jobs/train_head.py output)")
     p.add_argument("--eval-queries", help="queries table: evaluate before publishing (the gate)")
     p.add_argument("--min-recall", type=float, default=0.0, help="gate: lowest recall@10")
     p.add_argument("--max-drop", type=float, default=Gate.max_drop, help="gate: largest drop")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--concurrency", type=int, help="embedding actors (default: GPUs, else 1)")
     for action in p._actions:
         if action.dest == "embeddings":
             action.required = False
@@ -156,18 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         model = embedders.describe(args.model, args.weights, False, args.preprocess, args.head)
         work = args.work or default_work(args.index_root, args.catalog, model)
         cfg = Config(
-            embed=embed.Config(
-                catalog=args.catalog,
-                out=work,
-                model=args.model,
-                weights=args.weights,
-                preprocess=args.preprocess,
-                head=args.head,
-                batch_size=args.batch_size,
-                concurrency=args.concurrency,
-                gpus=args.gpus,
-                s3_endpoint=args.s3_endpoint,
-            ),
+            embed=embed.config_from_args(args, out=work),
             build=build_index.config_from_args(args, embeddings_uri=work),
             gate=args.eval_queries
             and Gate(args.eval_queries, min_recall=args.min_recall, max_drop=args.max_drop),
