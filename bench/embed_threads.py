@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import os
 import statistics
 import sys
@@ -56,12 +57,19 @@ class Probe:
 
         torch.set_num_threads(threads)
         self.embedder = embedders.create(device="cpu")
+        self.own = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
     async def loop_thread(self, repeats: int) -> float:
         return timed(lambda: self.embedder.embed(PIXELS), repeats)
 
     async def worker_thread(self, repeats: int) -> float:
         return await timed_async(lambda: asyncio.to_thread(self.embedder.embed, PIXELS), repeats)
+
+    async def own_thread(self, repeats: int) -> float:
+        loop = asyncio.get_running_loop()
+        return await timed_async(
+            lambda: loop.run_in_executor(self.own, self.embedder.embed, PIXELS), repeats
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {"cores": os.cpu_count(), "actor_num_cpus": args.cpus}
         for threads in (1, 2):
             probe = ray.remote(num_cpus=args.cpus)(Probe).remote(threads)
-            for where in ("loop_thread", "worker_thread"):
+            for where in ("loop_thread", "worker_thread", "own_thread"):
                 ms = ray.get(getattr(probe, where).remote(args.repeats))
                 results[f"actor_{where}_{threads}_threads_ms"] = ms
             ray.kill(probe)

@@ -16,18 +16,20 @@
    neighbours are barely nearer than any other row. (Gaussian clusters around 100 random
    centres failed the build's recall gate: recall@10 0.375 at best, as PQ codes cannot rank
    the near-equidistant members of a 1,000-row cluster within k_factor 4.)
-2. Local Ray (num_cpus = cores), Serve on 127.0.0.1 and a free port, serve.app:build_app.
+2. Local Ray (num_cpus = cores) started with cluster.SERVE_ENV (Serve's HAProxy data plane;
+   --python-proxy: Ray's default), Serve on 127.0.0.1 and a free port, serve.app:build_app.
 3. Closed-loop HTTP clients (asyncio + aiohttp) upload real catalog photos (raw body,
    POST /search?k=10) at each concurrency, each level bounded by --seconds and --max-requests:
    p50/p99 latency, requests/s, errors by status, and how often the photo's own product is
    the top answer.
 4. In-process baseline at concurrency 1: images.load + Embedder.embed + query.ShardIndex per
    shard + query.widening_search + query.results over the same photos, with the torch threads
-   the QueryEmbedder sets (AppArgs.embedder_threads, 0: all cores) and the FAISS threads the
-   ShardSearcher replicas get (Ray sets OMP_NUM_THREADS = floor(num_cpus), at least 1, in
-   actors; checked with a probe actor). HTTP and in-process queries alternate one by one, so
-   both see the same background load; ratio http_p50 / inproc_p50 (target <= 1.3). The
-   in-process path with all cores is reported too, for reference.
+   of the replica that embeds (AppArgs.embedder_threads, else Ray's default: OMP_NUM_THREADS =
+   floor(num_cpus), at least 1, checked with a probe actor of the same num_cpus) and the FAISS
+   threads the ShardSearcher replicas get. HTTP and in-process queries alternate one by one,
+   so both see the same background load; ratio http_p50 / inproc_p50 (target <= 1.3). The
+   in-process path with all cores (torch and FAISS threads = cores) and the ratio against it
+   are reported too: the serving overhead plus what the replica's thread count costs.
 5. Reload under load: a concurrency-8 loop runs while a new version is built (another seed,
    as a separate job: its own process and local Ray, since the replicas hold most of this
    Ray's logical CPUs) and POST /admin/reload switches to it; failed requests in the reload
@@ -66,6 +68,7 @@ sys.path.insert(0, REPO)
 from jobs import build_index  # noqa: E402
 from jobs import embed as embed_job  # noqa: E402
 from visual_search import (  # noqa: E402
+    cluster,
     devices,
     embedders,
     embeddings,
@@ -308,6 +311,18 @@ def _p50(values) -> float | None:
     return round(float(np.percentile(values, 50)), 2) if values else None
 
 
+def server_timing(header: str) -> dict[str, float]:
+    """'embed;dur=15.2, search;dur=3.1' -> {'embed': 15.2, 'search': 3.1}"""
+    out = {}
+    for part in header.split(","):
+        name, _, params = part.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if name and key == "dur":
+                out[name] = float(value)
+    return out
+
+
 def summarize(samples: list[Sample], seconds: float | None = None) -> dict:
     ok = [s for s in samples if s.status == "200"]
     lat = np.array([(s.t1 - s.t0) * 1000 for s in ok])
@@ -413,10 +428,11 @@ def paired_c1(url, photos, inproc: InProcess, seconds, max_requests, timeout) ->
 
     loop = asyncio.new_event_loop()
     http, local, http_top1, local_top1, errors, took = [], [], [], [], Counter(), []
+    stages: dict[str, list[float]] = {}
 
     async def post(session, data, ctype):
         async with session.post(url, data=data, headers={"Content-Type": ctype}) as resp:
-            return resp.status, await resp.read()
+            return resp.status, await resp.read(), resp.headers.get("Server-Timing", "")
 
     async def open_session():
         return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
@@ -436,7 +452,7 @@ def paired_c1(url, photos, inproc: InProcess, seconds, max_requests, timeout) ->
                         local.append(time.perf_counter() - t0)
                         local_top1.append(bool(rows) and rows[0]["product_id"] == pid)
                     continue
-                status, body = loop.run_until_complete(post(session, data, ctype))
+                status, body, timing = loop.run_until_complete(post(session, data, ctype))
                 if i < 0:
                     continue
                 if status != 200:
@@ -445,6 +461,8 @@ def paired_c1(url, photos, inproc: InProcess, seconds, max_requests, timeout) ->
                 http.append(time.perf_counter() - t0)
                 doc = json.loads(body)
                 took.append(doc.get("took_ms"))
+                for name, ms in server_timing(timing).items():
+                    stages.setdefault(name, []).append(ms)
                 found = doc["results"]
                 http_top1.append(bool(found) and found[0]["product_id"] == pid)
     finally:
@@ -453,6 +471,7 @@ def paired_c1(url, photos, inproc: InProcess, seconds, max_requests, timeout) ->
     out = {"http": _latency(http, http_top1), "inproc": _latency(local, local_top1)}
     out["http"]["errors"] = dict(errors)
     out["http"]["server_took_p50_ms"] = _p50(took)
+    out["http"]["server_stages_p50_ms"] = {name: _p50(ms) for name, ms in stages.items()}
     out["inproc"]["stages_p50_ms"] = inproc.stage_p50_ms(len(local))
     out["ratio_p50"] = round(out["http"]["p50_ms"] / out["inproc"]["p50_ms"], 3)
     return out
@@ -637,9 +656,20 @@ def parse_args(argv):
     p.add_argument("--no-reload", action="store_true")
     p.add_argument("--weights", help="model weights URI (models other than efficientnet_lite0)")
     p.add_argument("--embedder-replicas", type=int, default=1)
-    p.add_argument("--embedder-threads", type=int, default=0, help="torch threads, 0: all cores")
+    p.add_argument(
+        "--embedder-threads", type=int, default=0, help="torch threads, 0: Ray's default"
+    )
+    p.add_argument(
+        "--python-proxy",
+        action="store_true",
+        help="Ray Serve's default data plane (Python proxy) instead of cluster.SERVE_ENV",
+    )
     p.add_argument("--shard-replicas", type=int, default=1)
-    p.add_argument("--embed-in-ingress", action="store_true", help="AppArgs.embed_in_ingress")
+    p.add_argument(
+        "--embedder-deployment",
+        action="store_true",
+        help="embed in a QueryEmbedder deployment (embed_in_ingress=False), not the ingress",
+    )
     p.add_argument("--max-inflight", type=int, default=64)
     p.add_argument("--ray-logs", action="store_true", help="stream replica logs to this console")
     p.add_argument("--cache", default=os.path.join(REPO, ".cache"))
@@ -663,6 +693,11 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(work, exist_ok=True)
     results: dict = {"cores": cores, "args": vars(args), "loadavg_start": os.getloadavg()}
     os.environ.pop("RAY_ADDRESS", None)
+    if args.python_proxy:  # Ray Serve's default data plane, for comparison
+        for key in cluster.SERVE_ENV:
+            os.environ[key] = "0"
+    results["serve_env"] = cluster.use_serve_env()
+    say("serve_env", results["serve_env"])
     complete = False
     try:
         ray.init(
@@ -715,13 +750,10 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in results["index"].items():
             say(f"index_{key}", value)
 
-        extra = {}
-        if "embedder_threads" in AppArgs.model_fields:
-            extra["embedder_threads"] = args.embedder_threads
-        if args.embed_in_ingress:
-            extra["embed_in_ingress"] = True
+        extra = {"embed_in_ingress": False} if args.embedder_deployment else {}
         app_args = AppArgs(
             **extra,
+            embedder_threads=args.embedder_threads,
             index_root=index_root,
             weights=args.weights,
             shard_replicas=args.shard_replicas,
@@ -732,11 +764,14 @@ def main(argv: list[str] | None = None) -> int:
         results["photos"] = {"count": len(photos), "skipped_too_large": skipped}
         say("photos", len(photos))
 
-        # threads the replicas get (checked with a probe actor of the same num_cpus)
-        if "embedder_threads" in AppArgs.model_fields:  # QueryEmbedder sets torch's threads
-            embed_threads = {"torch": app_args.embedder_threads or cores}
-        else:
-            embed_threads = actor_threads(app_args.embedder_cpus)
+        # threads the replicas get: AppArgs.embedder_threads when set, else Ray's default for
+        # the replica's num_cpus (checked with a probe actor of the same num_cpus)
+        embed_cpus = app_args.embedder_cpus + (
+            app_args.ingress_cpus if app_args.embeds_in_ingress else 0
+        )
+        embed_threads = actor_threads(embed_cpus)
+        if app_args.embedder_threads:
+            embed_threads["torch"] = app_args.embedder_threads
         shard_threads = actor_threads(app_args.shard_cpus)
         results["replica_threads"] = {"embedder": embed_threads, "shard": shard_threads}
         say("replica_threads", results["replica_threads"])
@@ -750,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
         results["serve"] = {
             "app_args": app_args.model_dump(),
+            "embeds_in_ingress": app_args.embeds_in_ingress,
             "ready": wait_ready(base, 300),
             "start_s": round(time.perf_counter() - t, 1),
         }
@@ -787,15 +823,23 @@ def main(argv: list[str] | None = None) -> int:
                 alone["threads"] = {"torch": cores, "faiss": cores}
                 results["c1_paired"] = pair
                 results["inproc_all_cores"] = alone
+                results["ratio_http_over_inproc_all_cores_p50_c1"] = round(
+                    pair["http"]["p50_ms"] / alone["p50_ms"], 3
+                )
                 say("c1_paired_http_p50_ms", pair["http"]["p50_ms"])
                 say("c1_paired_inproc_p50_ms", pair["inproc"]["p50_ms"])
                 say("c1_paired_http_server_took_p50_ms", pair["http"]["server_took_p50_ms"])
                 say("c1_paired_inproc_stages_p50_ms", pair["inproc"]["stages_p50_ms"])
+                say("c1_paired_http_server_stages_p50_ms", pair["http"]["server_stages_p50_ms"])
                 say("c1_paired_requests", pair["http"]["requests"])
                 say("c1_paired_http_errors", pair["http"]["errors"])
                 say("ratio_http_over_inproc_p50_c1", pair["ratio_p50"])
                 say("ratio_target_le_1_3_met", pair["ratio_p50"] <= 1.3)
                 say("inproc_all_cores_p50_ms", alone["p50_ms"])
+                say(
+                    "ratio_http_over_inproc_all_cores_p50_c1",
+                    results["ratio_http_over_inproc_all_cores_p50_c1"],
+                )
         results["serve_peak_pss_mib"] = round(mem.peak / 2**20)
         say("serve_peak_pss_mib", results["serve_peak_pss_mib"])
 

@@ -28,17 +28,23 @@ class AppArgs(BaseModel):
     ingress_cpus: float = Field(0.25, ge=0)
     embedder_cpus: float = Field(1.0, ge=0)
     shard_cpus: float = Field(0.25, ge=0)
+    embedder_gpus: float = Field(0, ge=0, description="GPUs per replica that embeds queries")
     embedder_threads: int = Field(0, ge=0, description="torch threads (0: Ray's default)")
-    embed_in_ingress: bool = Field(
-        False,
-        description="embed queries in the ingress replicas (one hop less: best on small CPU "
-        "nodes); default: a QueryEmbedder deployment that scales apart (GPU clusters)",
+    embed_in_ingress: bool | None = Field(
+        None,
+        description="embed queries in the ingress replicas (one hop less, no pixels sent "
+        "between replicas: best on CPU), or in a QueryEmbedder deployment that scales apart "
+        "(GPU nodes); default: the ingress unless embedder_gpus > 0",
     )
+
+    @property
+    def embeds_in_ingress(self) -> bool:
+        return self.embedder_gpus == 0 if self.embed_in_ingress is None else self.embed_in_ingress
 
 
 def build_app(args: AppArgs) -> Application:
-    """Ingress -> QueryEmbedder (or the model inside the ingress) + one ShardSearcher deployment
-    per shard of the CURRENT version."""
+    """Ingress (with the model inside, or -> QueryEmbedder) + one ShardSearcher deployment per
+    shard of the CURRENT version."""
     if args.s3_endpoint:
         storage.configure(args.s3_endpoint)
     index_root = storage.normalize(args.index_root)
@@ -53,20 +59,26 @@ def build_app(args: AppArgs) -> Application:
         for i in range(len(manifest.shards))
     ]
     embedding = {"weights": args.weights, "device": args.device, "threads": args.embedder_threads}
-    if args.embed_in_ingress:
-        embedder, local, ingress_cpus = None, embedding, args.ingress_cpus + args.embedder_cpus
+    model_resources = {"num_cpus": args.embedder_cpus, "num_gpus": args.embedder_gpus}
+    ingress_resources = {"num_cpus": args.ingress_cpus}
+    if args.embeds_in_ingress:
+        embedder, local = None, embedding
+        ingress_resources = {
+            "num_cpus": args.ingress_cpus + args.embedder_cpus,
+            "num_gpus": args.embedder_gpus,
+        }
     else:
         embedder = QueryEmbedder.options(
             num_replicas=args.embedder_replicas,
             # Serve's default (5) would cap the @serve.batch batches at 5 queries.
             max_ongoing_requests=2 * args.max_inflight,
-            ray_actor_options={"num_cpus": args.embedder_cpus},
+            ray_actor_options=model_resources,
         ).bind(manifest.model, **embedding)
-        local, ingress_cpus = None, args.ingress_cpus
+        local = None
     return Ingress.options(
         max_ongoing_requests=args.max_inflight + 16,
         max_queued_requests=4 * args.max_inflight,
-        ray_actor_options={"num_cpus": ingress_cpus},
+        ray_actor_options=ingress_resources,
     ).bind(
         embedder,
         shards,

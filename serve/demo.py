@@ -11,7 +11,7 @@ import requests
 from ray import serve
 
 from serve.app import AppArgs, build_app
-from visual_search import storage, versions
+from visual_search import cluster, storage, versions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,8 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--once", action="store_true", help="stop after the sample query")
     args = p.parse_args(argv)
 
+    import os
+
     import ray
 
+    cluster.use_serve_env()
+    # One machine, no load balancer to deregister from: stop in 1 s, not Ray's 30 s drain.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     ray.init()
     serve.start(http_options={"host": args.host, "port": args.port})
     root = storage.normalize(args.index_root)

@@ -4,10 +4,31 @@ from __future__ import annotations
 
 import os
 import pathlib
+import socket
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+
+from visual_search import cluster
+
+# Every Ray these tests start (local or `ray start --head`) inherits the environment: the
+# service's data plane as in production (cluster.SERVE_ENV), with a short drain so that an
+# ingress replica shuts down in 1 s instead of waiting Ray's 30 s for load balancers.
+cluster.use_serve_env()
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# HAProxy's own metrics and stats listeners have fixed ports (9101, 8404): take free ones so a
+# test run never collides with another Serve on this machine.
+os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
+os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
 
 SKLEARN_IMAGES = pathlib.Path(__import__("sklearn.datasets").datasets.__file__).parent / "images"
 FLOWER = SKLEARN_IMAGES / "flower.jpg"

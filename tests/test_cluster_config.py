@@ -121,6 +121,16 @@ def test_setup_installs_the_synced_project_with_faiss_gpu(config):
     assert ".gitignore" in config["rsync_filter"]  # never ship .venv or .cache
 
 
+def test_every_node_starts_ray_with_the_serve_data_plane(config):
+    from visual_search import cluster
+
+    exports = " ".join(f"{key}={value}" for key, value in cluster.SERVE_ENV.items())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in config[key] if "ray start" in c]
+        assert f"export {exports};" in start, key
+        assert start.index("export") < start.index("ray start")
+
+
 def test_iam_profiles_and_no_credentials(config):
     for name, t in config["available_node_types"].items():
         profile = t["node_config"]["IamInstanceProfile"]

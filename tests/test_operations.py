@@ -549,7 +549,7 @@ def test_search_and_images_from_the_new_s3_index(service, s3, shop):
 
 def test_serve_replicas_run_the_shipped_library(service, head):
     replicas = head.processes("ServeReplica:")
-    assert len(replicas) == 4, replicas  # ingress, embedder, 2 shard searchers
+    assert len(replicas) == 3, replicas  # the ingress (it embeds on CPU), 2 shard searchers
     for pid in replicas:
         environ = dict(
             line.split("=", 1)

@@ -283,20 +283,42 @@ def test_search_multipart_and_raw_body_find_the_product(svc):
     assert pids(assert_answer(svc.search(svc.files["p014.png"])))[0] == "p014"
 
 
+def _server_timing(r: requests.Response) -> dict[str, float]:
+    stages = {}
+    for part in r.headers["Server-Timing"].split(","):
+        name, dur = part.strip().split(";dur=")
+        stages[name] = float(dur)
+    return stages
+
+
+def test_answers_carry_server_timing(svc):
+    r = svc.search(svc.files["p007.jpg"])
+    stages = _server_timing(r)
+    assert list(stages) == ["read", "decode", "embed", "search", "total"]
+    assert all(ms >= 0 for ms in stages.values())
+    assert stages["total"] >= stages["decode"] + stages["embed"] + stages["search"]
+    assert abs(stages["total"] - r.json()["took_ms"]) < 0.02
+    similar = _server_timing(svc.get("/products/p010/similar", params={"k": 5}))
+    assert list(similar) == ["vector", "search", "total"]
+
+
 def test_rotated_and_cropped_copy_is_in_top_3(svc):
     for name, pid, degrees in (("p003.jpg", "p003", 12), ("p021.jpg", "p021", -14)):
         body = assert_answer(svc.search(rotated_cropped(svc.files[name], degrees), k=3))
         assert pid in pids(body), (pid, body["results"])
 
 
-def test_embedding_inside_the_ingress_gives_the_same_answers(svc):
-    """AppArgs.embed_in_ingress: one hop less, the same model, the same results."""
+def test_embedder_deployment_gives_the_same_answers(svc):
+    """embed_in_ingress=False: a QueryEmbedder deployment (GPU nodes) instead of the model in
+    the ingress (the CPU default): the same model, the same results."""
     from ray import serve
 
     from serve.app import AppArgs, build_app
 
-    args = AppArgs(index_root=svc.index_root, embed_in_ingress=True, ingress_cpus=0.1,
+    args = AppArgs(index_root=svc.index_root, embed_in_ingress=False, ingress_cpus=0.1,
                    embedder_cpus=0.3, shard_cpus=0.05)  # fmt: skip
+    assert not args.embeds_in_ingress and AppArgs(index_root="x").embeds_in_ingress
+    assert not AppArgs(index_root="x", embedder_gpus=1).embeds_in_ingress
     serve.run(build_app(args), name="vs-local", route_prefix="/local")
     try:
         for name in ("p007.jpg", "p014.png"):

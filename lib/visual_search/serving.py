@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -97,12 +97,6 @@ class BatchedEmbedder:
     """The index's own model; batches concurrent queries into one forward pass. Runs as the
     QueryEmbedder deployment, or inside the ingress (AppArgs.embed_in_ingress)."""
 
-    # Run the forward pass on the event loop's thread (blocking it) instead of a worker thread.
-    # bench/embed_threads.py, a Ray actor on 2 cores with 2 torch threads set at construction:
-    # one image takes ~17 ms on the loop thread but ~34 ms through asyncio.to_thread.
-    # Right for a replica that only embeds; the ingress keeps its loop free instead.
-    blocking = False
-
     def __init__(self, model: dict, weights: str | None, device: str | None, threads: int):
         import torch
 
@@ -112,18 +106,39 @@ class BatchedEmbedder:
             torch.set_num_threads(threads)
         self.embedder = embedders.from_model_dict(model, weights, device)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    # No wait for stragglers: queries that arrive during a forward pass form the next batch, so
+    # a lone query never waits and a busy replica still batches.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def embed(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
-        if self.blocking:
-            return list(self.embedder.embed(np.stack(pixels)))
-        return list(await asyncio.to_thread(self.embedder.embed, np.stack(pixels)))
+        # The forward pass runs on the event loop's thread, blocking it: bench/embed_threads.py
+        # (a Ray actor on 2 cores, one query) measured 12.7 ms there against 17.7 ms through
+        # asyncio.to_thread with 1 torch thread, and 7.8 against 15.1 ms with 2. The CPU is busy
+        # with the batch either way; other requests resume when it is done.
+        return list(self.embedder.embed(np.stack(pixels)))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 class QueryEmbedder(BatchedEmbedder):
     """A deployment of its own: GPU embedders scale apart from the HTTP tier."""
 
-    blocking = True
+
+class _Stages:
+    """Per-request stage durations, sent as a W3C Server-Timing header (browser devtools and
+    bench/serve.py read it)."""
+
+    def __init__(self):
+        self.ms: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - started) * 1000
+
+    def header(self) -> str:
+        return ", ".join(f"{name};dur={ms:.2f}" for name, ms in self.ms.items())
 
 
 class _State:
@@ -303,15 +318,17 @@ class Ingress:
             raise ApiError(413, "too_large", f"image over {self.max_upload_bytes} bytes")
         return body
 
-    async def _embed(self, data: bytes) -> np.ndarray:
-        try:
-            pixels = await asyncio.to_thread(images.load, data, self.preprocess, self.limits)
-        except images.ImageError as exc:
-            raise ApiError(IMAGE_STATUS.get(exc.code, 422), exc.code, exc.detail) from exc
-        if self.local is not None:
-            vector = await self.local.embed(pixels)
-        else:
-            vector = await self.embedder.embed.remote(pixels)
+    async def _embed(self, data: bytes, stage: _Stages) -> np.ndarray:
+        with stage("decode"):
+            try:
+                pixels = await asyncio.to_thread(images.load, data, self.preprocess, self.limits)
+            except images.ImageError as exc:
+                raise ApiError(IMAGE_STATUS.get(exc.code, 422), exc.code, exc.detail) from exc
+        with stage("embed"):
+            if self.local is not None:
+                vector = await self.local.embed(pixels)
+            else:
+                vector = await self.embedder.embed.remote(pixels)
         return np.asarray(vector, np.float32)[None]
 
     async def _search(self, state: _State, vector, k, category, exclude=None) -> list[dict]:
@@ -326,14 +343,18 @@ class Ingress:
             row["image_url"] = f"/products/{row['product_id']}/image?id={row['id']}"
         return out
 
-    async def _query(self, vector_of, k: int, category: str | None, exclude=None) -> dict:
+    async def _query(
+        self, response: Response, vector_of, k: int, category: str | None, exclude=None
+    ) -> dict:
         """Admit, pin the current version, get the query vector, search, answer."""
-        started = time.perf_counter()
+        started, stage = time.perf_counter(), _Stages()
         async with self._slot():
             state = self.state
-            vector = await vector_of(state)
-            results = await self._search(state, vector, k, category, exclude)
+            vector = await vector_of(state, stage)
+            with stage("search"):
+                results = await self._search(state, vector, k, category, exclude)
             took = (time.perf_counter() - started) * 1000
+        response.headers["Server-Timing"] = stage.header() + f", total;dur={took:.2f}"
         return {
             "results": results,
             "index_version": state.name,
@@ -347,28 +368,33 @@ class Ingress:
     async def search(
         self,
         request: Request,
+        response: Response,
         k: TopK = 10,
         category: Category = None,
     ) -> dict:
-        async def upload_vector(state: _State) -> np.ndarray:
-            return await self._embed(await self._read_upload(request))
+        async def upload_vector(state: _State, stage: _Stages) -> np.ndarray:
+            with stage("read"):
+                data = await self._read_upload(request)
+            return await self._embed(data, stage)
 
-        return await self._query(upload_vector, k, category)
+        return await self._query(response, upload_vector, k, category)
 
     @app.get("/products/{product_id:path}/similar")
     async def similar(
         self,
         product_id: str,
+        response: Response,
         k: TopK = 10,
         category: Category = None,
     ) -> dict:
-        async def stored_vector(state: _State) -> np.ndarray:
+        async def stored_vector(state: _State, stage: _Stages) -> np.ndarray:
             gid = self._first_id(state, product_id)
             shard = self._shard_of(state, gid)
-            vector = await self.shards[shard].reconstruct.remote(state.name, gid)
+            with stage("vector"):
+                vector = await self.shards[shard].reconstruct.remote(state.name, gid)
             return np.asarray(vector, np.float32)[None]
 
-        return await self._query(stored_vector, k, category, exclude=product_id)
+        return await self._query(response, stored_vector, k, category, exclude=product_id)
 
     @app.get("/products/{product_id:path}/image")
     async def product_image(self, product_id: str, id: int | None = None) -> Response:
