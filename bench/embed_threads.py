@@ -1,5 +1,5 @@
 """Where a Serve replica should run the query model's forward pass: on its event-loop thread or
-through asyncio.to_thread, with 1 or 2 torch threads, in a Ray actor like the replicas.
+through asyncio.to_thread or a thread of its own, with 1 or 2 torch threads, in a Ray actor.
 
     python bench/embed_threads.py [--cpus 1] [--repeats 30] [--json PATH]
 

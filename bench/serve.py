@@ -696,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.python_proxy:  # Ray Serve's default data plane, for comparison
         for key in cluster.SERVE_ENV:
             os.environ[key] = "0"
-    results["serve_env"] = cluster.use_serve_env()
+    results["serve_env"] = cluster.use_serve_env(drain_s=1)
     say("serve_env", results["serve_env"])
     complete = False
     try:

@@ -6,7 +6,7 @@ serve run serve/config.yaml      |      serve deploy serve/config.yaml
 
 # No `from __future__ import annotations`: Serve reads build_app's type hint at run time to
 # turn the CLI/YAML args into AppArgs.
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from ray.serve import Application
 
 from visual_search import storage, versions
@@ -32,14 +32,27 @@ class AppArgs(BaseModel):
     embedder_threads: int = Field(0, ge=0, description="torch threads (0: Ray's default)")
     embed_in_ingress: bool | None = Field(
         None,
-        description="embed queries in the ingress replicas (one hop less, no pixels sent "
+        description="embed queries in the ingress replica (one hop less, no pixels sent "
         "between replicas: best on CPU), or in a QueryEmbedder deployment that scales apart "
-        "(GPU nodes); default: the ingress unless embedder_gpus > 0",
+        "(GPU nodes, several replicas); default: the ingress unless embedder_gpus > 0 or "
+        "embedder_replicas > 1",
     )
+
+    @model_validator(mode="after")
+    def _one_ingress(self):
+        if self.embed_in_ingress and self.embedder_replicas > 1:
+            # /admin/reload switches the replica that receives it: the ingress runs one.
+            raise ValueError(
+                "embed_in_ingress runs the model in the single ingress replica: "
+                "embedder_replicas > 1 needs embed_in_ingress false"
+            )
+        return self
 
     @property
     def embeds_in_ingress(self) -> bool:
-        return self.embedder_gpus == 0 if self.embed_in_ingress is None else self.embed_in_ingress
+        if self.embed_in_ingress is not None:
+            return self.embed_in_ingress
+        return self.embedder_gpus == 0 and self.embedder_replicas == 1
 
 
 def build_app(args: AppArgs) -> Application:

@@ -23,13 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--once", action="store_true", help="stop after the sample query")
     args = p.parse_args(argv)
 
-    import os
-
     import ray
 
-    cluster.use_serve_env()
-    # One machine, no load balancer to deregister from: stop in 1 s, not Ray's 30 s drain.
-    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    cluster.use_serve_env(drain_s=1)  # one machine: no load balancer to deregister from
     ray.init()
     serve.start(http_options={"host": args.host, "port": args.port})
     root = storage.normalize(args.index_root)

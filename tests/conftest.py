@@ -15,8 +15,7 @@ from visual_search import cluster
 # Every Ray these tests start (local or `ray start --head`) inherits the environment: the
 # service's data plane as in production (cluster.SERVE_ENV), with a short drain so that an
 # ingress replica shuts down in 1 s instead of waiting Ray's 30 s for load balancers.
-cluster.use_serve_env()
-os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+cluster.use_serve_env(drain_s=1)
 
 
 def _free_port() -> int:

@@ -319,6 +319,9 @@ def test_embedder_deployment_gives_the_same_answers(svc):
                    embedder_cpus=0.3, shard_cpus=0.05)  # fmt: skip
     assert not args.embeds_in_ingress and AppArgs(index_root="x").embeds_in_ingress
     assert not AppArgs(index_root="x", embedder_gpus=1).embeds_in_ingress
+    assert not AppArgs(index_root="x", embedder_replicas=2).embeds_in_ingress
+    with pytest.raises(ValueError, match="embedder_replicas > 1"):
+        AppArgs(index_root="x", embedder_replicas=2, embed_in_ingress=True)
     serve.run(build_app(args), name="vs-local", route_prefix="/local")
     try:
         for name in ("p007.jpg", "p014.png"):
