@@ -67,6 +67,10 @@ class ShardSearcher:
         self.index_root, self.shard, self.mmap = index_root, shard, mmap
         self.loaded: OrderedDict[str, query.ShardIndex] = OrderedDict()
         self.lock = asyncio.Lock()
+        # Load and verify CURRENT's shard before the replica counts as started, so the first
+        # query does not pay for it. Another version loads on demand.
+        current = versions.open_version(index_root)
+        self.loaded[current.manifest.version] = query.ShardIndex(current, shard, mmap)
 
     async def _get(self, version: str) -> query.ShardIndex:
         if version in self.loaded:
@@ -105,6 +109,8 @@ class BatchedEmbedder:
         if threads:
             torch.set_num_threads(threads)
         self.embedder = embedders.from_model_dict(model, weights, device)
+        size = self.embedder.preprocess.size  # one pass at start: the first query is not slower
+        self.embedder.embed(np.full((1, size, size, 3), 255, np.uint8))
 
     # No wait for stragglers: queries that arrive during a forward pass form the next batch, so
     # a lone query never waits and a busy replica still batches.
