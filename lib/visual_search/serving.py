@@ -1,8 +1,9 @@
 """Ray Serve deployments (Contract 4): FastAPI ingress, batching query embedder, shard searchers.
 
-The ingress decodes uploads (CPU, off the event loop), has the embedder batch concurrent queries,
-fans out to one searcher deployment per shard with asyncio.gather, merges with merge_topk and
-joins the docs. Every query pins one index version end to end, so a reload never mixes two.
+The ingress decodes uploads (CPU, off the event loop), embeds them in batches of concurrent
+queries (itself on CPU, or through the QueryEmbedder deployment), fans out to one searcher
+deployment per shard with asyncio.gather, merges with merge_topk and joins the docs. Every query
+pins one index version end to end, so a reload never mixes two.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the endpoint types at run time.
