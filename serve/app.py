@@ -72,26 +72,22 @@ def build_app(args: AppArgs) -> Application:
         for i in range(len(manifest.shards))
     ]
     embedding = {"weights": args.weights, "device": args.device, "threads": args.embedder_threads}
-    model_resources = {"num_cpus": args.embedder_cpus, "num_gpus": args.embedder_gpus}
-    ingress_resources = {"num_cpus": args.ingress_cpus}
+    model = {"num_cpus": args.embedder_cpus, "num_gpus": args.embedder_gpus}
     if args.embeds_in_ingress:
         embedder, local = None, embedding
-        ingress_resources = {
-            "num_cpus": args.ingress_cpus + args.embedder_cpus,
-            "num_gpus": args.embedder_gpus,
-        }
+        ingress = {**model, "num_cpus": args.ingress_cpus + args.embedder_cpus}
     else:
         embedder = QueryEmbedder.options(
             num_replicas=args.embedder_replicas,
             # Serve's default (5) would cap the @serve.batch batches at 5 queries.
             max_ongoing_requests=2 * args.max_inflight,
-            ray_actor_options=model_resources,
+            ray_actor_options=model,
         ).bind(manifest.model, **embedding)
-        local = None
+        local, ingress = None, {"num_cpus": args.ingress_cpus}
     return Ingress.options(
         max_ongoing_requests=args.max_inflight + 16,
         max_queued_requests=4 * args.max_inflight,
-        ray_actor_options=ingress_resources,
+        ray_actor_options=ingress,
     ).bind(
         embedder,
         shards,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import pathlib
-import socket
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+from ports import free_port
 
 from visual_search import cluster
 
@@ -18,16 +18,10 @@ from visual_search import cluster
 cluster.use_serve_env(drain_s=1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # HAProxy's own metrics and stats listeners have fixed ports (9101, 8404): take free ones so a
 # test run never collides with another Serve on this machine.
-os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
-os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
+os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
+os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
 
 SKLEARN_IMAGES = pathlib.Path(__import__("sklearn.datasets").datasets.__file__).parent / "images"
 FLOWER = SKLEARN_IMAGES / "flower.jpg"

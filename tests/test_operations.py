@@ -43,6 +43,7 @@ import pytest
 import requests
 import yaml
 from conftest import draw_product
+from ports import free_port
 from s3server import S3Server
 
 from jobs import reindex
@@ -62,12 +63,6 @@ AGENT_TIMEOUT = 120  # seconds for the head's job agent to accept a first submis
 ENDPOINT_ENVS = (storage.ENDPOINT_ENV, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 # Only the head has credentials (as a cloud node has its instance role), the operator's CLIs not.
 CREDENTIAL_ENVS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _session_pids(sid: int) -> list[int]:
@@ -108,7 +103,7 @@ class Head:
     def __init__(self):
         # Short path: Ray's Unix sockets live below it (108-byte limit).
         self.temp_dir = tempfile.mkdtemp(prefix="vs-ray-", dir="/tmp")
-        self.dashboard_port = _free_port()
+        self.dashboard_port = free_port()
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.token = secrets.token_hex(32)
         env = {k: v for k, v in os.environ.items() if k not in (*ENDPOINT_ENVS, "RAY_ADDRESS")}
@@ -128,11 +123,11 @@ class Head:
             "start",
             "--head",
             "--block",
-            f"--port={_free_port()}",
+            f"--port={free_port()}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
             "--num-cpus=2",
             "--num-gpus=0",
             "--disable-usage-stats",
@@ -304,7 +299,7 @@ def _apps(head: Head) -> dict:
 def service(head, reindex_job, s3, tmp_path_factory):
     """The new S3 index served from the head by `serve run --non-blocking` of a config file."""
     assert reindex_job["result"].returncode == 0, reindex_job["result"].stdout[-4000:]
-    port = _free_port()
+    port = free_port()
     config = {
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [

@@ -30,6 +30,7 @@ import pytest
 import requests
 from conftest import draw_product
 from PIL import Image
+from ports import free_port
 
 from jobs import build_index, embed
 from visual_search import __version__, versions
@@ -47,12 +48,6 @@ TIMEOUT = 60  # seconds per HTTP request
 
 
 # ------------------------------------------------------------------------------ fixtures
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _make_catalog(root) -> dict[str, bytes]:
@@ -138,7 +133,7 @@ def svc(tmp_path_factory):
         manifest = build_index.run(
             build_index.Config(embeddings=work, index_root=index_root, shards=SHARDS)
         )
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(
             build_app(

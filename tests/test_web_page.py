@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import pathlib
-import socket
 import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import draw_product
+from ports import free_port
 
 from jobs import build_index, embed
 
@@ -38,12 +38,6 @@ CHROMIUM_FLAGS = [
     "--window-size=1280,1400",
 ]
 CATEGORIES = ("shoes", "bags", "hats")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +103,7 @@ def app_url(ray_local, catalog, tmp_path_factory):
     index_root = str(work / "index")
     embed.run(embed.Config(catalog=str(root / "catalog.parquet"), out=emb))
     manifest = build_index.run(build_index.Config(embeddings=emb, index_root=index_root, shards=2))
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         args = AppArgs(index_root=index_root, embedder_cpus=0.5, shard_cpus=0.25, ingress_cpus=0.25)
