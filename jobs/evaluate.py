@@ -1,14 +1,18 @@
 """Measure the retrieval quality of one index version, through the service's own query path.
 
     python jobs/evaluate.py --index-root URI (--queries URI | --leave-one-out) [--version V]
-        [--k 1,5,10,50] [--limit N] [--seed S] [--out URI] [--weights URI] [--s3-endpoint URL]
+        [--k 1,5,10,50] [--limit N] [--seed S] [--rerank N] [--out URI] [--weights URI]
+        [--s3-endpoint URL]
 
 Queries are either a table (Contract 1 style: `image_uri` plus `product_id` for instance-level
 and/or `category` for category-level ground truth; e.g. the output of jobs/make_queries.py),
 embedded in process with the index's own model, or (--leave-one-out) catalog photos of the index
 itself, whose stored vectors are the queries and whose own product is excluded from the results.
 Each query runs the Serve app's path in process (query.ShardIndex per shard +
-query.widening_search + query.results): one result per product, as POST /search answers.
+query.widening_search + query.results): one result per product, as POST /search answers. Table
+queries then get POST /search's geometric re-rank of their top --rerank products (verify.py,
+against the catalog photos the docs name; 0: off; "ip" versions only); leave-one-out queries,
+like GET /products/{id}/similar, are not re-ranked.
 
 Metrics (definitions in lib/visual_search/metrics.py) at each k: recall@k, precision@k, mAP@k,
 overall and per query category; the index's raw top-10 against exact search on the same queries
@@ -27,8 +31,13 @@ The report (what run() returns and report.json holds):
   "rows": [{"category", "queries", "map@10"}]}, the 10 lowest first;
 - index_recall_at_10 (None, with index_recall_note, when the embeddings dataset the manifest names
   is gone or does not match the version);
-- latency_ms: {"decode", "embed", "search"}: {"p50", "p99", "mean"} or None. embed is each
-  query's share of its batch of 32; search is widening_search + docs join, one query at a time.
+- predicted_category_accuracy: the share of the queries with a category whose
+  verify.predicted_category (of the final results, as POST /search answers it) is that category;
+  None without category ground truth;
+- latency_ms: {"decode", "embed", "search", "rerank"}: {"p50", "p99", "mean"} or None. embed is
+  each query's share of its batch of 32; search is widening_search + docs join, one query at a
+  time; rerank is the query's features + its candidates' (cached across queries) + matching.
+- rerank: how many top products were re-ranked (0: off, leave-one-out, or an "l2" version);
 - config, code_version, created_unix, took_s.
 """
 
@@ -48,11 +57,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 if __package__ in (None, ""):  # run as a script: make the sibling jobs importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from visual_search import catalog, embedders, embeddings, images, index, metrics, query, storage
+from visual_search import (
+    catalog,
+    embedders,
+    embeddings,
+    images,
+    index,
+    metrics,
+    query,
+    storage,
+    verify,
+)
 from visual_search.manifest import code_version
 from visual_search.search import merge_topk
 from visual_search.versions import Version, open_version
@@ -60,6 +80,8 @@ from visual_search.versions import Version, open_version
 RECALL_K = 10
 DEFAULT_LOO_LIMIT = 1000
 WORST = 10
+# Catalog photos' local features, kept across queries (500 keypoints: about 130 kB).
+FEATURE_CACHE_BYTES = 512 << 20
 
 
 class EvalError(ValueError):
@@ -75,11 +97,13 @@ class Config:
     ks: tuple[int, ...] = (1, 5, 10, 50)
     limit: int | None = None  # None: 1000 for leave-one-out, every row of a table; 0: all
     seed: int = 0
+    rerank: int = 10  # top products re-ranked by geometric verification, as the service does
     out: str | None = None
     weights: str | None = None  # model weights URI, for models that need them (resnet50, clip)
     batch_size: int = 32
     decode_threads: int = 8
     s3_endpoint: str | None = None
+    products: tuple[str, ...] | None = None  # leave-one-out: only these products' photos
 
 
 @dataclass
@@ -97,6 +121,8 @@ class Queries:
     error_examples: list[dict]
     decode_ms: list[float]
     embed_ms: list[float]
+    features: list[verify.Features] | None  # local features of the query photos (to re-rank)
+    features_ms: list[float]
     has_instance: bool
     has_category: bool
 
@@ -134,7 +160,12 @@ def _decode(uri: str, preprocess: images.Preprocess, limits: images.Limits):
         return None, (exc.code, exc.detail), 0.0
 
 
-def _table_queries(cfg: Config, version: Version, docs: query.Docs) -> Queries:
+def _timed_features(pixels: np.ndarray) -> tuple[verify.Features, float]:
+    t0 = time.perf_counter()
+    return verify.local_features(pixels), (time.perf_counter() - t0) * 1000
+
+
+def _table_queries(cfg: Config, version: Version, docs: query.Docs, rerank: bool) -> Queries:
     table = catalog.read_catalog(cfg.queries).table
     has_category = "category" in table.column_names
     rows = _sample(table.num_rows, cfg.limit or 0, cfg.seed)
@@ -153,6 +184,7 @@ def _table_queries(cfg: Config, version: Version, docs: query.Docs) -> Queries:
     examples: list[dict] = []
     keep: list[int] = []
     vectors, decode_ms, embed_ms = [], [], []
+    features, features_ms = [], []
     with ThreadPoolExecutor(max_workers=max(1, cfg.decode_threads)) as pool:
         for lo in range(0, len(uris), cfg.batch_size):
             batch = list(range(lo, min(lo + cfg.batch_size, len(uris))))
@@ -168,6 +200,10 @@ def _table_queries(cfg: Config, version: Version, docs: query.Docs) -> Queries:
                     examples.append({"image_uri": uris[j], "error": err[0], "detail": err[1]})
             if not good:
                 continue
+            if rerank:
+                for f, ms in pool.map(_timed_features, [p for _, p in good]):
+                    features.append(f)
+                    features_ms.append(ms)
             t0 = time.perf_counter()
             vectors.append(embedder.embed(np.stack([p for _, p in good])))
             share = (time.perf_counter() - t0) * 1000 / len(good)
@@ -186,6 +222,8 @@ def _table_queries(cfg: Config, version: Version, docs: query.Docs) -> Queries:
         error_examples=examples,
         decode_ms=decode_ms,
         embed_ms=embed_ms,
+        features=features if rerank else None,
+        features_ms=features_ms,
         has_instance=has_instance,
         has_category=has_category,
     )
@@ -212,7 +250,11 @@ def _leave_one_out_queries(
             "leave-one-out needs as ground truth"
         )
     limit = DEFAULT_LOO_LIMIT if cfg.limit is None else cfg.limit
-    ids = _sample(docs.table.num_rows, limit, cfg.seed)
+    rows = np.arange(docs.table.num_rows)
+    if cfg.products is not None:
+        wanted = pa.array(list(cfg.products), pa.string())
+        rows = rows[pc.is_in(docs.table["product_id"].cast(pa.string()), wanted).to_numpy(False)]
+    ids = rows[_sample(len(rows), limit, cfg.seed)]
     vectors = _stored_vectors(version, dataset, ids, shards)
     rows = docs.table.take(pa.array(ids))
     pids, cats = _strings(rows, "product_id"), _strings(rows, "category")
@@ -228,6 +270,8 @@ def _leave_one_out_queries(
         error_examples=[],
         decode_ms=[],
         embed_ms=[],
+        features=None,
+        features_ms=[],
         has_instance=False,
         has_category=True,
     )
@@ -267,28 +311,66 @@ def _matching_dataset(version: Version, docs: query.Docs):
 # ----------------------------------------------------------------------------------- search
 
 
+def _rerank(
+    results: list[dict],
+    query_features: verify.Features,
+    n: int,
+    cache: verify.FeatureCache,
+    preprocess: images.Preprocess,
+    pool: ThreadPoolExecutor,
+) -> list[dict]:
+    """POST /search's re-rank of the top n results; catalog features read in the pool."""
+    found = {r["id"]: cache.get(r["id"]) for r in results[:n]}
+    missing = [r for r in results[:n] if found[r["id"]] is None]
+    uris = [r["image_uri"] for r in missing]
+    for row, features in zip(
+        missing, pool.map(verify.read_features, uris, [preprocess] * len(uris)), strict=True
+    ):
+        found[row["id"]] = features
+        if features is not None:  # the cache is used from this thread only
+            cache.put(row["id"], features)
+    return verify.rerank(results, query_features, lambda row: found[row["id"]], n)
+
+
 def _search_all(
-    q: Queries, shards: list[query.ShardIndex], docs: query.Docs, metric: str, k: int
-) -> tuple[list[list[dict]], list[float]]:
-    """Each query through widening_search + results (one row per product, best photo first)."""
+    q: Queries,
+    shards: list[query.ShardIndex],
+    docs: query.Docs,
+    metric: str,
+    k: int,
+    rerank: int = 0,
+    preprocess: images.Preprocess | None = None,
+    threads: int = 8,
+) -> tuple[list[list[dict]], list[float], list[float]]:
+    """Each query through widening_search + results (one row per product, best photo first),
+    then, with query features, the re-rank of its top `rerank` products; (answers (k rows
+    each), search ms, rerank ms)."""
+    rerank = rerank if q.features is not None else 0
+    cache = verify.FeatureCache(FEATURE_CACHE_BYTES)
     loop = asyncio.new_event_loop()
-    answers, search_ms = [], []
+    answers, search_ms, rerank_ms = [], [], []
     try:
-        for j in range(len(q.vectors)):
-            vector = q.vectors[j : j + 1]
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for j in range(len(q.vectors)):
+                vector = q.vectors[j : j + 1]
 
-            async def fan_out(width: int, vector=vector):
-                return [s.search(vector, width, None) for s in shards]
+                async def fan_out(width: int, vector=vector):
+                    return [s.search(vector, width, None) for s in shards]
 
-            t0 = time.perf_counter()
-            hits = loop.run_until_complete(
-                query.widening_search(fan_out, metric, docs, k, q.exclude[j])
-            )
-            answers.append(query.results(docs, hits))
-            search_ms.append((time.perf_counter() - t0) * 1000)
+                t0 = time.perf_counter()
+                hits = loop.run_until_complete(
+                    query.widening_search(fan_out, metric, docs, max(k, rerank), q.exclude[j])
+                )
+                results = query.results(docs, hits)
+                search_ms.append((time.perf_counter() - t0) * 1000)
+                if rerank:
+                    t0 = time.perf_counter()
+                    results = _rerank(results, q.features[j], rerank, cache, preprocess, pool)
+                    rerank_ms.append(q.features_ms[j] + (time.perf_counter() - t0) * 1000)
+                answers.append(results[:k])
     finally:
         loop.close()
-    return answers, search_ms
+    return answers, search_ms, rerank_ms
 
 
 def _index_recall(
@@ -390,6 +472,17 @@ def _worst(per_category: dict, level: str | None, key: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r[key], r["category"]))[:WORST]
 
 
+def _predicted_category_accuracy(
+    q: Queries, answers: list[list[dict]], metric: str
+) -> float | None:
+    """Share of the queries with a category that POST /search's predicted_category gets right."""
+    pairs = [(c, a) for c, a in zip(q.category, answers, strict=True) if c is not None]
+    if not q.has_category or not pairs:
+        return None
+    right = sum(verify.predicted_category(a, metric=metric) == c for c, a in pairs)
+    return round(right / len(pairs), 6)
+
+
 # ------------------------------------------------------------------------------------ run
 
 
@@ -402,6 +495,8 @@ def _validate(cfg: Config) -> None:
         raise EvalError(f"--limit must be >= 0 (0: all), got {cfg.limit}")
     if cfg.batch_size < 1:
         raise EvalError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.rerank < 0:
+        raise EvalError(f"--rerank must be >= 0 (0: off), got {cfg.rerank}")
     if not storage.exists(cfg.index_root):
         raise EvalError(f"{cfg.index_root}: index root not found")
 
@@ -423,16 +518,23 @@ def run(cfg: Config) -> dict:
         f"{m.count:,} vectors), {mode}"
     )
     dataset, why = _matching_dataset(version, docs)
+    # As the service: the inlier bonus is added to a cosine, so "l2" versions are not re-ranked.
+    rerank = cfg.rerank if m.metric == "ip" else 0
     if cfg.leave_one_out:
         q = _leave_one_out_queries(cfg, version, docs, shards, dataset)
     else:
-        q = _table_queries(cfg, version, docs)
+        q = _table_queries(cfg, version, docs, rerank > 0)
     n_errors = sum(q.errors.values())
     if not len(q.vectors):
         raise EvalError(f"no query could be used: {q.attempted} rows, errors {dict(q.errors)}")
 
     width = max(cfg.ks)
-    answers, search_ms = _search_all(q, shards, docs, m.metric, width)
+    preprocess = embedders.preprocess_for(
+        m.model["model_id"], m.model.get("preprocess", {}).get("mode", "pad")
+    )
+    answers, search_ms, rerank_ms = _search_all(
+        q, shards, docs, m.metric, width, rerank, preprocess, cfg.decode_threads
+    )
     levels = _relevance(q, answers, docs, width)
     summary = {
         level: metrics.summarize(rel, n_rel, cfg.ks) for level, (rel, n_rel) in levels.items()
@@ -460,6 +562,7 @@ def run(cfg: Config) -> dict:
         "error_examples": q.error_examples,
         "instance": summary.get("instance"),
         "category": summary.get("category"),
+        "predicted_category_accuracy": _predicted_category_accuracy(q, answers, m.metric),
         "per_category": per_category,
         "worst_categories": {
             "level": primary,
@@ -472,7 +575,9 @@ def run(cfg: Config) -> dict:
             "decode": _latency(q.decode_ms),
             "embed": _latency(q.embed_ms),
             "search": _latency(search_ms),
+            "rerank": _latency(rerank_ms),
         },
+        "rerank": rerank if q.features is not None else 0,
         "config": {**dataclasses.asdict(cfg), "ks": list(cfg.ks)},
         "code_version": code_version(),
         "created_unix": started,
@@ -507,6 +612,8 @@ def _print_summary(r: dict) -> None:
     for level in ("instance", "category"):
         if r[level] is not None:
             _say(f"{level} {_metric_line(r[level], r['ks'], rank_key)}")
+    if r["predicted_category_accuracy"] is not None:
+        _say(f"predicted category accuracy {r['predicted_category_accuracy']:.3f}")
     if r["index_recall_at_10"] is not None:
         _say(f"index recall@10 vs exact search {r['index_recall_at_10']:.4f}")
     else:
@@ -535,8 +642,12 @@ def summary_markdown(r: dict) -> str:
         f"- queries: {r['queries']} ({r['mode']}), "
         f"{r['evaluated']} evaluated, {r['errors']} errors"
         + (f" {r['errors_by_code']}" if r["errors"] else ""),
+        f"- re-rank: top {r['rerank']} by geometric verification"
+        if r["rerank"]
+        else "- re-rank: off",
         f"- index recall@10 vs exact search: {_fmt(r['index_recall_at_10'])}"
         + (f" ({r['index_recall_note']})" if r["index_recall_note"] else ""),
+        f"- predicted category accuracy: {_fmt(r['predicted_category_accuracy'])}",
         "",
         "| level | metric | " + " | ".join(f"k={k}" for k in ks) + " |",
         "|---|---|" + "---|" * len(ks),
@@ -645,6 +756,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=int, help="sampled queries (default: 1000 leave-one-out, all rows; 0: all)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--rerank",
+        type=int,
+        default=Config.rerank,
+        help="top products re-ranked by geometric verification, as POST /search (0: off)",
+    )
     p.add_argument("--out", help="folder URI for report.json, summary.md, recall.png")
     p.add_argument("--weights", help="model weights URI (models that need them)")
     p.add_argument("--s3-endpoint", help=f"S3-compatible endpoint (or ${storage.ENDPOINT_ENV})")
@@ -661,6 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         ks=args.k,
         limit=args.limit,
         seed=args.seed,
+        rerank=args.rerank,
         out=args.out,
         weights=args.weights,
         s3_endpoint=args.s3_endpoint,

@@ -1,7 +1,7 @@
 """Make an instance-level query set from a catalog by re-photographing its photos synthetically.
 
     python jobs/make_queries.py --catalog URI --out URI [--per-product 1] [--limit N] [--seed 0]
-        [--threads 8] [--s3-endpoint URL]
+        [--profile query|shopper] [--threads 8] [--s3-endpoint URL]
 
 For each sampled product (--limit: how many products, seeded; default all), --per-product
 queries, each from one of its photos (seeded pick), transformed as a shopper's photo of it
@@ -9,7 +9,9 @@ would differ from the catalog shot: random crop keeping 75-95% of each side, rot
 ±15° (corners filled as background), background change (the near-white background connected to
 the border, where transparent sources end up too, replaced by a random colour, gradient or
 noise), brightness / contrast / saturation / white-balance shifts, JPEG recompression at quality
-50-90. Every query has its own generator seeded from (--seed, query number), so the output is
+50-90. `--profile shopper` is a second, independent distribution: crop keeping 70-90% of each
+side, rotation up to ±10°, the background kept, the same colour shifts, JPEG quality 40.
+Every query has its own generator seeded from (--seed, query number), so the output is
 byte-identical for a seed whatever the thread timing.
 
 Output: {out}/images/q-NNNNNN.jpg (NNNNNN = query number) and {out}/queries.parquet, written
@@ -49,6 +51,11 @@ BACKGROUNDS = ("solid", "gradient", "noise")
 # A re-photographed product is mostly in frame: each side keeps 75-95% of the catalog shot.
 CROP = (0.75, 0.95)
 MAX_ROTATE = 15.0
+# name -> (crop share range, largest rotation, background replaced, JPEG quality range [lo, hi))
+PROFILES = {
+    "query": (CROP, MAX_ROTATE, True, (50, 91)),
+    "shopper": ((0.7, 0.9), 10.0, False, (40, 41)),
+}
 
 
 class QueryGenError(ValueError):
@@ -64,6 +71,7 @@ class Config:
     seed: int = 0
     threads: int = 8
     s3_endpoint: str | None = None
+    profile: str = "query"  # see PROFILES
 
 
 def _say(msg: str) -> None:
@@ -74,20 +82,23 @@ def image_name(j: int) -> str:
     return f"images/q-{j:06d}.jpg"
 
 
-def draw_params(rng: np.random.Generator) -> dict:
+def draw_params(rng: np.random.Generator, profile: str = "query") -> dict:
     """One query's augmentation parameters (rounded as recorded, and applied as recorded)."""
+    crop, max_rotate, replace_background, jpeg = PROFILES[profile]
 
     def u(lo: float, hi: float, digits: int = 4) -> float:
         return round(float(rng.uniform(lo, hi)), digits)
 
-    w, h = u(CROP[0], CROP[1]), u(CROP[0], CROP[1])
+    w, h = u(crop[0], crop[1]), u(crop[0], crop[1])
     left, top = u(0, 1 - w), u(0, 1 - h)
     colours = rng.integers(0, 256, (2, 3)).tolist()
+    rotate = u(-max_rotate, max_rotate, 2)  # drawn in this order: seeds keep their queries
+    kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     return {
         "crop": [left, top, round(left + w, 4), round(top + h, 4)],
-        "rotate_deg": u(-MAX_ROTATE, MAX_ROTATE, 2),
+        "rotate_deg": rotate,
         "background": {
-            "kind": BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))],
+            "kind": kind if replace_background else "kept",
             "colours": colours,
             "angle_deg": u(0, 360, 1),
             "seed": int(rng.integers(2**31)),
@@ -96,7 +107,7 @@ def draw_params(rng: np.random.Generator) -> dict:
         "contrast": u(0.7, 1.3),
         "saturation": u(0.7, 1.3),
         "channel_gain": [u(0.9, 1.1) for _ in range(3)],
-        "jpeg_quality": int(rng.integers(50, 91)),
+        "jpeg_quality": int(rng.integers(*jpeg)),
     }
 
 
@@ -171,9 +182,10 @@ def augment(img: Image.Image, p: dict) -> tuple[Image.Image, dict]:
         p["rotate_deg"], Image.Resampling.BICUBIC, expand=True, fillcolor=(255, 255, 255)
     )
     mask = background_mask(img)[..., None]
-    pixels = np.asarray(img, np.float32)
-    pixels = pixels * (1 - mask) + make_background(img.size, p["background"]) * mask
-    img = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
+    if p["background"]["kind"] != "kept":
+        pixels = np.asarray(img, np.float32)
+        pixels = pixels * (1 - mask) + make_background(img.size, p["background"]) * mask
+        img = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
     img = ImageEnhance.Brightness(img).enhance(p["brightness"])
     img = ImageEnhance.Contrast(img).enhance(p["contrast"])
     img = ImageEnhance.Color(img).enhance(p["saturation"])
@@ -210,7 +222,11 @@ def _plan(cfg: Config, table: pa.Table) -> list[dict]:
             rng = np.random.default_rng([cfg.seed, j])
             rows = photos[pid]
             plan.append(
-                {"j": j, "row": rows[int(rng.integers(len(rows)))], "params": draw_params(rng)}
+                {
+                    "j": j,
+                    "row": rows[int(rng.integers(len(rows)))],
+                    "params": draw_params(rng, cfg.profile),
+                }
             )
     return plan
 
@@ -240,6 +256,8 @@ def run(cfg: Config) -> dict:
         storage.configure(cfg.s3_endpoint)
     if cfg.per_product < 1:
         raise QueryGenError(f"--per-product must be >= 1, got {cfg.per_product}")
+    if cfg.profile not in PROFILES:
+        raise QueryGenError(f"unknown --profile {cfg.profile!r}; known: {', '.join(PROFILES)}")
     if cfg.limit is not None and cfg.limit < 1:
         raise QueryGenError(f"--limit must be >= 1, got {cfg.limit}")
     table = catalog.read_catalog(cfg.catalog).table
@@ -285,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="products sampled (default: all)")
     p.add_argument("--seed", type=int, default=Config.seed)
     p.add_argument("--threads", type=int, default=Config.threads)
+    p.add_argument("--profile", default=Config.profile, choices=sorted(PROFILES))
     p.add_argument("--s3-endpoint", help=f"S3-compatible endpoint (or ${storage.ENDPOINT_ENV})")
     args = p.parse_args(argv)
     cfg = Config(
@@ -295,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         threads=args.threads,
         s3_endpoint=args.s3_endpoint,
+        profile=args.profile,
     )
     try:
         run(cfg)

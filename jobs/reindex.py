@@ -1,11 +1,19 @@
 """Full re-index: embed the catalog, build, verify and publish a new index version.
 
     python jobs/reindex.py --catalog URI --index-root URI [--work URI] [--shards N] [--model NAME]
-        [--head URI] [--eval-queries URI --min-recall R --max-drop D]
+        [--head URI] [--no-tune] [--tune-labels COLUMN]
+        [--eval-queries URI --min-recall R --max-drop D]
 
 This is the command platform engineers submit (`ray job submit ... -- python jobs/reindex.py`).
 The embeddings go to --work (default: {index-root}/work/embed-<catalog fingerprint>-<model>),
 so a rerun after a crash resumes the embedding where it stopped.
+
+Tuning (jobs/tune.py): by default the backbone's vectors are tuned to the catalog when it has
+enough labelled images (--tune-labels, default `category`): a projection trained on the labels
+sits next to the backbone's vector, it is kept only when it beats the untuned model on held-out
+products, and the index is built from the tuned vectors (no image is embedded twice). The tuning
+record (what was trained, on what, how long, both measurements) is in the index manifest's
+`model.head.tuning`. --no-tune (or --head) builds from the backbone's vectors as before.
 
 Quality gate: with --eval-queries, the new version is evaluated (jobs/evaluate.py) after it is
 built and verified and before CURRENT moves; CURRENT stays on the live version (exit 2) when
@@ -16,6 +24,7 @@ queries. The report stays in {version}/evaluation/ either way.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -24,7 +33,7 @@ from dataclasses import dataclass
 if __package__ in (None, ""):  # run as a script: make the sibling jobs importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobs import build_index, embed, evaluate
+from jobs import build_index, embed, evaluate, tune
 from visual_search import catalog, embedders, embeddings, storage, versions
 from visual_search.manifest import IndexManifest
 
@@ -42,6 +51,7 @@ class Config:
     embed: embed.Config
     build: build_index.Config
     gate: Gate | None = None
+    tune: tune.Config | None = None  # None: build from the backbone's vectors
 
 
 def gate_recall(report: dict, k: int) -> tuple[str, float]:
@@ -120,8 +130,13 @@ def default_work(index_root: str, catalog_uri: str, model: dict) -> str:
 def run(cfg: Config) -> IndexManifest:
     started = time.time()
     embed.run(cfg.embed)
+    build = cfg.build
+    if cfg.tune:
+        record = tune.run(cfg.tune)
+        if record["kept"]:
+            build = dataclasses.replace(build, embeddings=record["embeddings"])
     gate = cfg.gate and quality_gate(cfg.gate, cfg.build.index_root, cfg.embed.weights)
-    manifest = build_index.run(cfg.build, gate=gate)
+    manifest = build_index.run(build, gate=gate)
     print(
         f"[reindex] done in {time.time() - started:.1f}s: version {manifest.version}, "
         f"{manifest.count:,} vectors, {manifest.factory}, recall@10 "
@@ -129,6 +144,17 @@ def run(cfg: Config) -> IndexManifest:
         flush=True,
     )
     return manifest
+
+
+def tune_config(args: argparse.Namespace, work: str) -> tune.Config:
+    return tune.Config(
+        embeddings=work,
+        index_root=args.index_root,
+        out=f"{work.rstrip('/')}-tuned",
+        labels=args.tune_labels,
+        weights=args.weights,
+        s3_endpoint=args.s3_endpoint,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-queries", help="queries table: evaluate before publishing (the gate)")
     p.add_argument("--min-recall", type=float, default=0.0, help="gate: lowest recall@10")
     p.add_argument("--max-drop", type=float, default=Gate.max_drop, help="gate: largest drop")
+    p.add_argument("--no-tune", action="store_true", help="build from the backbone's vectors")
+    p.add_argument("--tune-labels", default=tune.Config.labels, help="label column for tuning")
     for action in p._actions:
         if action.dest == "embeddings":
             action.required = False
@@ -154,12 +182,14 @@ def main(argv: list[str] | None = None) -> int:
             build=build_index.config_from_args(args, embeddings_uri=work),
             gate=args.eval_queries
             and Gate(args.eval_queries, min_recall=args.min_recall, max_drop=args.max_drop),
+            tune=None if args.no_tune or args.head else tune_config(args, work),
         )
         run(cfg)
     except (
         catalog.CatalogError,
         embed.JobError,
         build_index.BuildError,
+        tune.TuneError,
         embeddings.DatasetError,
         storage.StorageError,
         ValueError,

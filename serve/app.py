@@ -24,6 +24,12 @@ class AppArgs(BaseModel):
     max_inflight: int = Field(64, ge=1, description="requests in flight before 503")
     api_key_env: str = "VISUAL_SEARCH_API_KEY"
     mmap: bool = True
+    rerank: int = Field(
+        10,
+        ge=0,
+        le=100,
+        description="top products of POST /search re-ranked by geometric verification (0: off)",
+    )
     # Logical CPUs reserved per replica (Ray scheduling only; FAISS and torch use what is free).
     ingress_cpus: float = Field(0.25, ge=0)
     embedder_cpus: float = Field(1.0, ge=0)
@@ -97,4 +103,5 @@ def build_app(args: AppArgs) -> Application:
         args.max_inflight,
         args.api_key_env,
         local,
+        args.rerank,
     )

@@ -60,3 +60,20 @@ def draw_product(seed: int, size: tuple[int, int] = (96, 80)) -> Image.Image:
         else:
             draw.rectangle((x0, y0, x1, y1), fill=colour)
     return img
+
+
+def write_catalog(root: pathlib.Path, n: int, size: tuple[int, int], categories: int) -> str:
+    """A catalog table of n drawn product photos (p000...), category c{i % categories}."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "img").mkdir(exist_ok=True)
+    rows = []
+    for i in range(n):
+        path = root / "img" / f"p{i:03d}.jpg"
+        draw_product(i, size).save(path, quality=95)
+        category = f"c{i % categories}"
+        rows.append({"product_id": f"p{i:03d}", "image_uri": str(path), "category": category})
+    catalog = str(root / "catalog.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), catalog)
+    return catalog

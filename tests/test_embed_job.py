@@ -81,7 +81,7 @@ def test_manifest_counts_and_files(data, result):
     assert on_disk == manifest.to_dict()
     c = manifest.counts
     assert c["input"] == len(rows) == c["embedded"] + c["errors"]
-    assert manifest.model["model_id"] == "efficientnet_lite0" and manifest.dim == 1280
+    assert manifest.model["model_id"] == embedders.DEFAULT_MODEL and manifest.dim == 1280
     n_parts = -(-len(rows) // PARTITION)
     assert len(manifest.embeddings) == len(manifest.errors) == n_parts
     for rec in [*manifest.embeddings, *manifest.errors]:

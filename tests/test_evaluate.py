@@ -3,8 +3,9 @@
 A generated catalog (20 products in 3 categories, one with two photos) is embedded with the
 default model by jobs/embed.py and indexed twice by jobs/build_index.py (2 shards, Flat: the
 second build becomes CURRENT, the first stays complete but not current). jobs/make_queries.py
-turns the catalog into instance-level queries. The instance recall@1 the job reports is checked
-against a brute-force reference computed here from the catalog vectors.
+turns the catalog into instance-level queries. The instance recall@1 and predicted-category
+accuracy the job reports are checked against a brute-force reference computed here from the
+catalog vectors, with and without the geometric re-rank of the top 10 products.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from conftest import draw_product
 from synthetic import read_in_manifest_order
 
 from jobs import build_index, embed, evaluate, make_queries
-from visual_search import catalog, embedders, images, storage, versions
+from visual_search import catalog, embedders, images, query, storage, verify, versions
 
 N_PRODUCTS = 20
 CATEGORIES = ("bags", "lamps", "shoes")
@@ -64,16 +65,39 @@ def result(world, tmp_path_factory):
     return evaluate.run(cfg), out
 
 
-def reference_recall_at_1(world) -> float:
-    """Brute force: embed each query, nearest catalog photo by inner product -> its product."""
+def reference(world, rerank: int) -> tuple[float, float]:
+    """(instance recall@1, predicted-category accuracy) by brute force: embed each query, its 10
+    best products by inner product (best photo each), re-ranked by inliers with their photos."""
     pids, vectors = read_in_manifest_order(world["work"])
-    model = versions.open_version(world["index_root"]).manifest.model
-    embedder = embedders.from_model_dict(model)
+    version = versions.open_version(world["index_root"])
+    uris = query.Docs.load(version).table["image_uri"].to_pylist()
+    embedder = embedders.from_model_dict(version.manifest.model)
     table = catalog.read_catalog(world["queries"]).table.to_pylist()
     pixels = [images.load(storage.read_bytes(r["image_uri"]), embedder.preprocess) for r in table]
     scores = embedder.embed(np.stack(pixels)) @ vectors.T
-    top1 = [pids[int(np.argmax(row))] for row in scores]
-    return float(np.mean([t == r["product_id"] for t, r in zip(top1, table, strict=True)]))
+    categories = {r["product_id"]: r["category"] for r in table}
+    hits, predicted = [], []
+    for row, pix in zip(scores, pixels, strict=True):
+        best: dict[str, dict] = {}
+        for gid in np.argsort(-row, kind="stable").tolist():
+            pid = pids[gid]
+            best.setdefault(pid, {"id": gid, "product_id": pid, "score": float(row[gid])})
+        top = list(best.values())[:10]
+        if rerank:
+            top = verify.rerank(
+                top,
+                verify.local_features(pix),
+                lambda r: verify.read_features(uris[r["id"]], embedder.preprocess),
+                rerank,
+            )
+        hits.append(top[0]["product_id"])
+        predicted.append(
+            verify.predicted_category([{**r, "category": categories[r["product_id"]]} for r in top])
+        )
+    truth = [(r["product_id"], r["category"]) for r in table]
+    recall = np.mean([h == p for h, (p, _) in zip(hits, truth, strict=True)])
+    accuracy = np.mean([g == c for g, (_, c) in zip(predicted, truth, strict=True)])
+    return float(recall), float(accuracy)
 
 
 def test_instance_and_category_metrics(world, result):
@@ -90,18 +114,36 @@ def test_instance_and_category_metrics(world, result):
         assert summary["recall@1"] <= summary["recall@5"] <= summary["recall@50"]
     # One product per answer and 20 products in the index: every query finds its own by k=50.
     assert report["instance"]["recall@50"] == 1.0
-    assert report["instance"]["recall@1"] == pytest.approx(reference_recall_at_1(world))
+    recall, accuracy = reference(world, rerank=10)  # Config's default, as the service's
+    assert report["rerank"] == report["config"]["rerank"] == 10
+    assert report["instance"]["recall@1"] == pytest.approx(recall)
     assert report["instance"]["recall@1"] >= 0.25  # chance is 1/20 (seeded: 0.45 when written)
+    assert report["predicted_category_accuracy"] == pytest.approx(accuracy)
     # Category level: all 7 (or 6) products of the category are within the 20 answers.
     assert report["category"]["recall@50"] == 1.0
     assert set(report["per_category"]) == set(CATEGORIES)
     assert sum(e["queries"] for e in report["per_category"].values()) == N_PRODUCTS
     assert report["index_recall_at_10"] == 1.0  # Flat: the index is exact search
-    for stage in ("decode", "embed", "search"):
+    for stage in ("decode", "embed", "search", "rerank"):
         assert report["latency_ms"][stage]["p50"] > 0
     worst = report["worst_categories"]
     assert worst["level"] == "instance" and worst["by"] == "map@10"
     assert [w["map@10"] for w in worst["rows"]] == sorted(w["map@10"] for w in worst["rows"])
+
+
+def test_rerank_off(world, tmp_path, capsys):
+    args = ["--index-root", world["index_root"], "--queries", world["queries"], "--rerank", "0"]
+    assert evaluate.main(args + ["--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["rerank"] == report["config"]["rerank"] == 0
+    recall, accuracy = reference(world, rerank=0)
+    assert report["instance"]["recall@1"] == pytest.approx(recall)
+    assert report["predicted_category_accuracy"] == pytest.approx(accuracy)
+    assert report["latency_ms"]["rerank"] is None
+    assert "- re-rank: off" in (tmp_path / "summary.md").read_text()
+    assert "[evaluate] predicted category accuracy " in capsys.readouterr().out
+    with pytest.raises(evaluate.EvalError, match="--rerank must be >= 0"):
+        evaluate.run(evaluate.Config(index_root=world["index_root"], leave_one_out=True, rerank=-1))
 
 
 def test_report_files(result):
@@ -112,6 +154,8 @@ def test_report_files(result):
     summary = storage.read_text(os.path.join(out, "summary.md"))
     assert "| instance (20 q) | recall@k |" in summary
     assert "worst categories by instance map@10" in summary
+    assert "- re-rank: top 10 by geometric verification" in summary
+    assert f"- predicted category accuracy: {report['predicted_category_accuracy']:.3f}" in summary
     assert storage.read_bytes(os.path.join(out, "recall.png")).startswith(b"\x89PNG")
 
 
@@ -136,7 +180,7 @@ def test_unreadable_query_is_an_error_not_a_crash(world, tmp_path):
     assert set(report["instance"]) == {"queries", "no_relevant"} | {
         f"{m}@{k}" for m in ("recall", "precision", "map") for k in (1, 5)
     }
-    assert report["category"] is None
+    assert report["category"] is None and report["predicted_category_accuracy"] is None
     assert set(report["per_category"]) == set(CATEGORIES)
 
 
@@ -168,6 +212,9 @@ def test_leave_one_out(world, tmp_path, capsys):
     assert 0 <= cat["map@5"] <= 1 and cat["recall@5"] >= cat["recall@1"]
     assert report["index_recall_at_10"] == 1.0
     assert report["latency_ms"]["embed"] is None and report["latency_ms"]["search"]["p50"] > 0
+    # Like GET /products/{id}/similar, leave-one-out is not re-ranked; it predicts categories.
+    assert report["rerank"] == 0 and report["latency_ms"]["rerank"] is None
+    assert 0 <= report["predicted_category_accuracy"] <= 1
 
 
 def test_without_the_embeddings_dataset(world, tmp_path):

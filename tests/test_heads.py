@@ -69,7 +69,7 @@ def test_backbone_plus_head_is_one_model(tmp_path, pixels):
     feats = plain.embed(pixels)
     head = heads.pca_whitening(np.random.default_rng(0).normal(size=(300, 1280)), 64)
     uri = str(tmp_path / "pca64.pt")
-    heads.save(head, uri, backbone="efficientnet_lite0")
+    heads.save(head, uri, backbone=embedders.DEFAULT_MODEL)
     model = embedders.create(device="cpu", head=uri)
     assert model.dim == 64 and model.describe()["dim"] == 64
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_backbone_plus_head_is_one_model(tmp_path, pixels):
     assert embedders.from_model_dict(described, device="cpu").dim == 64
 
     heads.save(heads.pca_whitening(np.random.default_rng(1).normal(size=(300, 1280)), 64), uri,
-               backbone="efficientnet_lite0")  # fmt: skip
+               backbone=embedders.DEFAULT_MODEL)  # fmt: skip
     with pytest.raises(ValueError, match="changed since the index was built"):
         embedders.from_model_dict(described, device="cpu")
     heads.save(heads.Head("linear", 2048, 8), str(tmp_path / "r50.pt"), backbone="resnet50")

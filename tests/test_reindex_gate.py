@@ -13,7 +13,7 @@ import torch
 from conftest import draw_product
 
 from jobs import make_queries, reindex
-from visual_search import heads, versions
+from visual_search import embedders, heads, versions
 
 N_PRODUCTS = 30
 
@@ -63,7 +63,7 @@ def test_gate_publishes_a_good_version_and_refuses_a_worse_one(shop, tmp_path, c
     torch.manual_seed(0)
     bad = heads.Head("linear", 1280, 2)
     bad_head = str(tmp_path / "bad.pt")
-    heads.save(bad, bad_head, backbone="efficientnet_lite0")
+    heads.save(bad, bad_head, backbone=embedders.DEFAULT_MODEL)
     capsys.readouterr()
     assert run_reindex(catalog, index_root, queries, "--head", bad_head) == 2
     err = capsys.readouterr().err

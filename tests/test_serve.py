@@ -3,9 +3,11 @@
 A tiny generated catalog (40 products, one with two photos, a rare category of 3) is embedded
 with jobs/embed.py and indexed in 2 shards with jobs/build_index.py; the app from serve/app.py
 then answers on 127.0.0.1. Covered: search by upload (multipart and raw body), one result per
-product, k and category handling, similar products, product images, every error status with
-its JSON body, garbage input never giving a 500, deterministic overload (503), health and
-version endpoints, a hot reload to a new version with zero failed queries, and the web page.
+product, k and category handling, the geometric re-rank and predicted_category (and the app
+with rerank=0), similar products, product images, every error status with its JSON body,
+garbage input never giving a 500, deterministic overload (503), health and version endpoints, a
+hot reload to a new version with zero failed queries, and the web page. One catalog photo
+(BROKEN) is made unreadable once indexed: its product is still found, verified with 0 inliers.
 
 Logical CPU reservations: build_index's tasks ask for 1 CPU each, so the Serve replicas here
 reserve 0.9 of the 2 logical CPUs in all, which leaves room to build the second version
@@ -28,18 +30,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import requests
+import torch
 from conftest import draw_product
 from PIL import Image
 from ports import free_port
 
 from jobs import build_index, embed
-from visual_search import __version__, versions
+from visual_search import __version__, embedders, embeddings, heads, versions
 
 API_KEY = "test-key"
 KEY_ENV = "VISUAL_SEARCH_API_KEY"
 N_PRODUCTS = 40
 RARE = ("p037", "p038", "p039")
 TWO_PHOTOS = "p000"
+BROKEN = "p028"  # its photo (a JPEG) is truncated on disk after indexing
+RERANK = 10  # AppArgs' default
 SIZE = (160, 120)
 MAX_UPLOAD = 300_000
 MAX_INFLIGHT = 4
@@ -133,6 +138,8 @@ def svc(tmp_path_factory):
         manifest = build_index.run(
             build_index.Config(embeddings=work, index_root=index_root, shards=SHARDS)
         )
+        broken = root / f"{BROKEN}.jpg"
+        broken.write_bytes(files[broken.name][:200])
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(
@@ -186,6 +193,8 @@ def assert_answer(r: requests.Response) -> dict:
     assert r.status_code == 200, (r.status_code, r.text[:500])
     body = r.json()
     assert set(body) >= {"results", "index_version", "took_ms", "partial"}, body
+    # Searches by photo predict a category; /similar does not.
+    assert ("predicted_category" in body) == r.request.path_url.split("?")[0].endswith("/search")
     assert body["partial"] is False
     assert isinstance(body["index_version"], str) and body["index_version"]
     assert isinstance(body["took_ms"], int | float) and body["took_ms"] >= 0
@@ -289,9 +298,9 @@ def _server_timing(r: requests.Response) -> dict[str, float]:
 def test_answers_carry_server_timing(svc):
     r = svc.search(svc.files["p007.jpg"])
     stages = _server_timing(r)
-    assert list(stages) == ["read", "decode", "embed", "search", "total"]
+    assert list(stages) == ["read", "decode", "embed", "search", "rerank", "total"]
     assert all(ms >= 0 for ms in stages.values())
-    assert stages["total"] >= stages["decode"] + stages["embed"] + stages["search"]
+    assert stages["total"] >= sum(stages[s] for s in ("decode", "embed", "search", "rerank"))
     assert abs(stages["total"] - r.json()["took_ms"]) < 0.02
     similar = _server_timing(svc.get("/products/p010/similar", params={"k": 5}))
     assert list(similar) == ["vector", "search", "total"]
@@ -301,6 +310,82 @@ def test_rotated_and_cropped_copy_is_in_top_3(svc):
     for name, pid, degrees in (("p003.jpg", "p003", 12), ("p021.jpg", "p021", -14)):
         body = assert_answer(svc.search(rotated_cropped(svc.files[name], degrees), k=3))
         assert pid in pids(body), (pid, body["results"])
+
+
+def reranked(row: dict) -> bool:
+    return "inliers" in row
+
+
+def test_search_reranks_the_top_products_by_inliers(svc):
+    body = assert_answer(svc.search(svc.files["p007.jpg"], k=20))
+    rows = body["results"]
+    assert [reranked(r) for r in rows] == [True] * RERANK + [False] * (20 - RERANK)
+    for r in rows[:RERANK]:
+        assert r["score"] == pytest.approx(r["cosine"] + 0.005 * min(r["inliers"], 50), abs=2e-6)
+        assert isinstance(r["inliers"], int) and r["inliers"] >= 0
+    top = rows[0]
+    assert top["product_id"] == "p007" and top["cosine"] > 0.99
+    # Its own photo: every keypoint matches; the others share at most their padded frame.
+    assert top["inliers"] >= 30 and top["inliers"] > max(r["inliers"] for r in rows[1:RERANK])
+    # The re-ranked head is sorted by score and stays above the unverified tail.
+    assert min(r["score"] for r in rows[:RERANK]) >= max(r["score"] for r in rows[RERANK:])
+    # k below the re-rank depth: the same head, cut.
+    short = assert_answer(svc.search(svc.files["p007.jpg"], k=3))
+    assert pids(short) == pids(body)[:3]
+    assert [r["inliers"] for r in short["results"]] == [r["inliers"] for r in rows[:3]]
+
+
+def test_predicted_category(svc):
+    body = assert_answer(svc.search(svc.files["p002.jpg"]))
+    assert body["predicted_category"] == "common"  # 38 of the 41 photos
+    assert (
+        assert_answer(svc.search(svc.files["p002.jpg"], category="rare"))["predicted_category"]
+        == "rare"
+    )
+    body = assert_answer(svc.search(svc.files["p038.jpg"], k=1))
+    assert pids(body) == ["p038"] and body["predicted_category"] == "rare"  # from its one result
+    body = assert_answer(svc.search(svc.files["p002.jpg"], category="no-such-category"))
+    assert body["results"] == [] and body["predicted_category"] is None
+
+
+def test_unreadable_catalog_photo_counts_zero_inliers(svc):
+    for _ in range(2):  # the failed read is not cached: the second query reads it again
+        body = assert_answer(svc.search(svc.files[f"{BROKEN}.jpg"]))
+        row = next(r for r in body["results"] if r["product_id"] == BROKEN)
+        assert row["inliers"] == 0 and row["score"] == row["cosine"] > 0.99
+
+
+def test_rerank_off(svc):
+    """rerank=0: the cosine ranking, no re-rank stage, still a predicted category."""
+    from ray import serve
+
+    from serve.app import AppArgs, build_app
+
+    assert AppArgs(index_root="x").rerank == RERANK
+    with pytest.raises(ValueError):
+        AppArgs(index_root="x", rerank=-1)
+    args = AppArgs(index_root=svc.index_root, rerank=0, ingress_cpus=0.1, embedder_cpus=0.3,
+                   shard_cpus=0.05)  # fmt: skip
+    serve.run(build_app(args), name="vs-plain", route_prefix="/plain")
+    try:
+        # The proxy learns a new route a moment after serve.run returns.
+        assert poll(lambda: svc.get("/plain/healthz").status_code == 200, timeout=30)
+        for name in ("p007.jpg", "p021.jpg"):
+            query = rotated_cropped(svc.files[name], 8)
+            r = svc.post("/plain/search", data=query,
+                         headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+            plain = assert_answer(r)
+            assert list(_server_timing(r)) == ["read", "decode", "embed", "search", "total"]
+            assert not any(reranked(row) for row in plain["results"])
+            assert plain["predicted_category"] == "common"
+            verified = assert_answer(svc.search(query))
+            # The same ten products: their cosine order against the verified order.
+            cosine = {row["product_id"]: row["cosine"] for row in verified["results"]}
+            assert set(pids(plain)) == set(cosine)
+            for row in plain["results"]:
+                assert row["score"] == pytest.approx(cosine[row["product_id"]], abs=1e-4)
+    finally:
+        serve.delete("vs-plain")
 
 
 def test_embedder_deployment_gives_the_same_answers(svc):
@@ -610,6 +695,31 @@ def test_hot_reload_with_zero_failed_queries(svc):
     version = svc.get("/version").json()
     assert version["index_version"] == new and version["factory"] == "IVF4,Flat"
     assert version["shards"] == SHARDS
+
+
+def test_reload_switches_to_a_retuned_head_without_a_redeploy(svc, tmp_path):
+    """A re-index that re-tunes the model (a new head on the same backbone) reloads in place."""
+    torch.manual_seed(0)
+    head = heads.Head("concat", 1280, 1280 + 16, hidden=32).eval()
+    uri = str(tmp_path / "head.pt")
+    heads.save(head, uri, backbone=embedders.DEFAULT_MODEL)
+    src = embeddings.open_dataset(svc.work)
+    model = embedders.describe(embedders.DEFAULT_MODEL, head=uri)
+
+    def through_head(v):
+        with torch.no_grad():
+            return torch.nn.functional.normalize(head(torch.from_numpy(v.copy())), dim=1).numpy()
+
+    embeddings.project(src, str(tmp_path / "tuned"), through_head, model)
+    manifest = build_index.run(
+        build_index.Config(embeddings=str(tmp_path / "tuned"), index_root=svc.index_root,
+                           shards=SHARDS)
+    )  # fmt: skip
+    r = svc.post("/admin/reload", headers={"X-API-Key": API_KEY})
+    assert r.status_code == 200 and r.json()["index_version"] == manifest.version, r.text
+    assert svc.get("/version").json()["model"]["head"]["dim"] == 1296
+    body = assert_answer(svc.search(svc.files["p007.jpg"]))
+    assert pids(body)[0] == "p007" and body["index_version"] == manifest.version
 
 
 # -------------------------------------------------------------------------------- overload

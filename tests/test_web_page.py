@@ -15,6 +15,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import requests
 from conftest import draw_product
 from ports import free_port
 
@@ -226,6 +227,16 @@ def test_search_by_photo_shows_result_cards(browser, app_url, catalog, tmp_path)
     assert len({c["pid"] for c in cards}) == K_DEFAULT, cards
     # The images are the catalog's own files: each decodes at its original width.
     assert set(widths) == {160}, widths
+    # The category the service predicts for this photo, above the grid.
+    answer = requests.post(
+        url + "search",
+        files={"image": (query["image_uri"], (root / query["image_uri"]).read_bytes())},
+        timeout=WAIT_S,
+    ).json()
+    assert answer["predicted_category"] in CATEGORIES, answer
+    predicted = browser.find_element("id", "predicted")
+    assert predicted.is_displayed()
+    assert predicted.text == f"Category: {answer['predicted_category']}", predicted.text
 
     shot = tmp_path / "results.png"
     browser.execute_script("window.scrollTo(0, 0)")
@@ -251,6 +262,7 @@ def test_non_image_upload_shows_error_and_clears_results(browser, app_url, catal
     assert "not_an_image" in status.text, status.text
     assert browser.find_elements("css selector", ".card") == [], _cards(browser)
     assert browser.find_element("id", "results").get_attribute("innerHTML") == ""
+    assert browser.find_element("id", "predicted").text == ""  # no stale prediction either
     shot = tmp_path / "error.png"
     assert browser.save_screenshot(str(shot)), shot
     print(f"screenshot: {shot}")

@@ -22,7 +22,9 @@ from visual_search.images import Preprocess
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "efficientnet_lite0"
+# GeM pooling: same weights and cost as the average-pooled model, better instance recall on
+# real product photos (bench/quality.py measures both).
+DEFAULT_MODEL = "efficientnet_lite0_gem"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -231,12 +233,15 @@ def _head_entry(name: str, head: str, meta: dict) -> dict:
             f"head {head} was made for {meta['backbone']} ({meta['in_dim']}-d features), "
             f"not for {name} ({spec.dim}-d)"
         )
-    return {
+    entry = {
         "uri": storage.normalize(head),
         "sha256": _sha256_id(storage.local_copy(head)),
         "kind": meta["kind"],
         "dim": int(meta["out_dim"]),
     }
+    if "tuning" in meta.get("info", {}):  # made by the re-index's tuning stage (jobs/tune.py)
+        entry["tuning"] = meta["info"]["tuning"]
+    return entry
 
 
 def create(

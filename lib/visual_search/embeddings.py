@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,3 +129,29 @@ def open_dataset(uri: str) -> Dataset:
     if next_id == 0:
         raise DatasetError(f"{uri}: the dataset has no embeddings")
     return Dataset(storage.normalize(uri), manifest, tuple(parts))
+
+
+def project(ds: Dataset, out: str, fn: Callable[[np.ndarray], np.ndarray], model: dict) -> Dataset:
+    """A new dataset at `out`: the same rows and files with each vector mapped through `fn`
+    (float32 (n, d) -> (n, model["dim"])), described as made by `model`; manifest last."""
+    started = time.time()
+    storage.delete(storage.join(out, "manifest.json"))  # incomplete until the new one is written
+    for rec in ds.manifest.embeddings:  # every listed file, empty ones too
+        table = storage.read_parquet(storage.join(ds.uri, rec.path))
+        if table.num_rows:
+            vectors = fn(schema.embedding_matrix(table["embedding"]))
+            table = table.set_column(
+                table.column_names.index("embedding"), "embedding", schema.embedding_array(vectors)
+            )
+        else:
+            empty = pa.array([], schema.embedding_type(model["dim"]))
+            table = table.set_column(table.column_names.index("embedding"), "embedding", empty)
+        storage.write_parquet(storage.join(out, rec.path), table)
+    for rec in ds.manifest.errors:
+        storage.write_parquet(
+            storage.join(out, rec.path), storage.read_parquet(storage.join(ds.uri, rec.path))
+        )
+    timings = {"projected_from": ds.uri, "total_s": round(time.time() - started, 3)}
+    manifest = dataclasses.replace(ds.manifest, model=model, timings=timings)
+    manifest.write(out)
+    return open_dataset(out)

@@ -2,12 +2,15 @@
 
 A head is fitted or trained on stored backbone features (an embeddings dataset), so it is cheap,
 and the embedder registry runs backbone + head as one model (`embedders.create(..., head=URI)`).
-Two ways to make one:
+Three ways to make one:
 - `pca_whitening(x, dim)`: PCA-whitening learned on the catalog, with reduced dimension;
-- `jobs/train_head.py`: a metric-learning projection trained on catalog labels (Ray Train).
+- `jobs/train_head.py`: a metric-learning projection trained on catalog labels (Ray Train);
+- `tuning.py` (the re-index's tuning stage): a "concat" head, the backbone's own vector next to
+  a metric-learning projection, so category structure is added without losing the instance
+  detail that a projection alone gives up.
 
 A head file is `torch.save` of plain values and tensors (loadable with `weights_only=True`):
-    {"format": 1, "backbone": model_id, "kind": "linear" | "mlp", "in_dim", "out_dim",
+    {"format": 1, "backbone": model_id, "kind": "linear" | "mlp" | "concat", "in_dim", "out_dim",
      "hidden": int | None, "state_dict": {...}, "info": {...}}
 """
 
@@ -22,32 +25,46 @@ from torch import nn
 from visual_search import storage
 
 HEAD_FORMAT = 1
-KINDS = ("linear", "mlp")
+KINDS = ("linear", "mlp", "concat")
 
 
 class Head(nn.Module):
-    """L2-normalise the backbone features, then project (the caller normalises the output)."""
+    """L2-normalise the backbone features, then project (the caller normalises the output).
+
+    kind "concat": out = [sqrt(1 - mix) * x, sqrt(mix) * unit(mlp(x))] with x the normalised
+    backbone vector, so the cosine of two outputs is (1 - mix) * backbone cosine + mix *
+    projection cosine; the MLP maps to out_dim - in_dim and `mix` is a stored buffer.
+    """
 
     def __init__(self, kind: str, in_dim: int, out_dim: int, hidden: int | None = None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown head kind {kind!r}; known: {', '.join(KINDS)}")
         self.kind, self.in_dim, self.out_dim, self.hidden = kind, in_dim, out_dim, hidden
+        proj_dim = out_dim - in_dim if kind == "concat" else out_dim
+        if proj_dim < 1:
+            raise ValueError(f"a {kind} head needs out_dim > in_dim, got {out_dim} <= {in_dim}")
         if kind == "linear":
-            self.proj = nn.Linear(in_dim, out_dim)
+            self.proj = nn.Linear(in_dim, proj_dim)
         else:
             hidden = hidden or 2 * in_dim
             self.hidden = hidden
             self.proj = nn.Sequential(
-                nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim)
+                nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, proj_dim)
             )
+        if kind == "concat":
+            self.register_buffer("mix", torch.tensor(0.5))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.proj(nn.functional.normalize(feats.float(), dim=1))
+        x = nn.functional.normalize(feats.float(), dim=1)
+        if self.kind != "concat":
+            return self.proj(x)
+        z = nn.functional.normalize(self.proj(x), dim=1)
+        return torch.cat([torch.sqrt(1 - self.mix) * x, torch.sqrt(self.mix) * z], dim=1)
 
 
-def save(head: Head, uri: str, backbone: str, info: dict | None = None) -> None:
-    """Write the head file atomically (temp + rename locally, one PUT on S3)."""
+def to_bytes(head: Head, backbone: str, info: dict | None = None) -> bytes:
+    """The head file's bytes (torch.save of plain values and tensors)."""
     buf = io.BytesIO()
     torch.save(
         {
@@ -62,7 +79,12 @@ def save(head: Head, uri: str, backbone: str, info: dict | None = None) -> None:
         },
         buf,
     )
-    storage.write_bytes(uri, buf.getvalue())
+    return buf.getvalue()
+
+
+def save(head: Head, uri: str, backbone: str, info: dict | None = None) -> None:
+    """Write the head file atomically (temp + rename locally, one PUT on S3)."""
+    storage.write_bytes(uri, to_bytes(head, backbone, info))
 
 
 def load(uri: str) -> tuple[Head, dict]:

@@ -2,8 +2,9 @@
 
 The ingress decodes uploads (CPU, off the event loop), embeds them in batches of concurrent
 queries (itself on CPU, or through the QueryEmbedder deployment), fans out to one searcher
-deployment per shard with asyncio.gather, merges with merge_topk and joins the docs. Every query
-pins one index version end to end, so a reload never mixes two.
+deployment per shard with asyncio.gather, merges with merge_topk and joins the docs. POST /search
+then re-ranks its top products by geometric verification (verify.py) against their catalog
+photos. Every query pins one index version end to end, so a reload never mixes two.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the endpoint types at run time.
@@ -29,7 +30,7 @@ from ray import serve
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from visual_search import embedders, images, query, storage, versions
+from visual_search import embedders, images, query, storage, verify, versions
 from visual_search.manifest import code_version
 
 log = logging.getLogger("visual_search.serving")
@@ -43,6 +44,9 @@ IMAGE_STATUS = {
     "decode_error": 422,
 }
 
+
+# Local features of re-ranked catalog photos, per ingress replica (500 keypoints: about 130 kB).
+FEATURE_CACHE_BYTES = 256 << 20
 
 TopK = Annotated[int, Query(ge=1, le=100)]
 Category = Annotated[str | None, Query(min_length=1, max_length=200)]
@@ -151,10 +155,11 @@ class _Stages:
 class _State:
     """What one query needs, swapped as a whole on reload."""
 
-    def __init__(self, version: versions.Version, docs: query.Docs):
+    def __init__(self, version: versions.Version, docs: query.Docs, local=None):
         self.version = version
         self.docs = docs
         self.name = version.manifest.version
+        self.local = local  # the version's own model, when the ingress embeds (BatchedEmbedder)
 
 
 app = FastAPI(title="visual_search", docs_url="/docs")
@@ -252,9 +257,11 @@ class Ingress:
         max_inflight: int,
         api_key_env: str,
         local_embedder: dict | None = None,
+        rerank: int = 10,
     ):
         """`embedder`: the QueryEmbedder handle, or None with `local_embedder` = the
-        BatchedEmbedder arguments (weights, device, threads) to embed in this replica."""
+        BatchedEmbedder arguments (weights, device, threads) to embed in this replica.
+        `rerank`: how many top products of POST /search geometric verification re-ranks (0 off)."""
         if s3_endpoint:
             storage.configure(s3_endpoint)
         self.embedder, self.shards = embedder, shards
@@ -264,18 +271,22 @@ class Ingress:
         self.api_key = os.environ.get(api_key_env) or None
         self.inflight = 0
         self.reload_lock = asyncio.Lock()
-        self.state = self._load(versions.open_version(index_root))
+        self.local_args = local_embedder if embedder is None else None
+        version = versions.open_version(index_root)
+        local = None
+        if self.local_args is not None:
+            local = BatchedEmbedder(version.manifest.model, **self.local_args)
+        self.state = self._load(version, local)
         self.preprocess = embedders.preprocess_for(
             self.state.version.manifest.model["model_id"],
             self.state.version.manifest.model.get("preprocess", {}).get("mode", "pad"),
         )
         self.limits = images.Limits(max_bytes=max_upload_bytes)
+        self.rerank = rerank
+        self.features = verify.FeatureCache(FEATURE_CACHE_BYTES)
         self.code_version = code_version()
-        self.local = None
-        if embedder is None:
-            self.local = BatchedEmbedder(self.state.version.manifest.model, **local_embedder)
 
-    def _load(self, version: versions.Version) -> _State:
+    def _load(self, version: versions.Version, local=None) -> _State:
         if len(version.manifest.shards) != len(self.shards):
             raise ApiError(
                 409,
@@ -283,7 +294,7 @@ class Ingress:
                 f"version {version.manifest.version} has {len(version.manifest.shards)} shards, "
                 f"the app serves {len(self.shards)}: redeploy with the new shard count",
             )
-        return _State(version, query.Docs.load(version))
+        return _State(version, query.Docs.load(version), local)
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -325,18 +336,21 @@ class Ingress:
             raise ApiError(413, "too_large", f"image over {self.max_upload_bytes} bytes")
         return body
 
-    async def _embed(self, data: bytes, stage: _Stages) -> np.ndarray:
+    async def _embed(
+        self, state: _State, data: bytes, stage: _Stages
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(query vector (1, d), the preprocessed pixels it was embedded from)."""
         with stage("decode"):
             try:
                 pixels = await asyncio.to_thread(images.load, data, self.preprocess, self.limits)
             except images.ImageError as exc:
                 raise ApiError(IMAGE_STATUS.get(exc.code, 422), exc.code, exc.detail) from exc
         with stage("embed"):
-            if self.local is not None:
-                vector = await self.local.embed(pixels)
+            if state.local is not None:
+                vector = await state.local.embed(pixels)
             else:
                 vector = await self.embedder.embed.remote(pixels)
-        return np.asarray(vector, np.float32)[None]
+        return np.asarray(vector, np.float32)[None], pixels
 
     async def _search(self, state: _State, vector, k, category, exclude=None) -> list[dict]:
         async def fan_out(width: int):
@@ -350,24 +364,58 @@ class Ingress:
             row["image_url"] = f"/products/{row['product_id']}/image?id={row['id']}"
         return out
 
+    async def _catalog_features(self, state: _State, row: dict) -> verify.Features | None:
+        key = (state.name, row["id"])
+        features = self.features.get(key)
+        if features is None:
+            # The catalog's own limits, not the upload limit: the embed job read it with these.
+            features = await asyncio.to_thread(
+                verify.read_features, row["image_uri"], self.preprocess
+            )
+            if features is not None:  # a failed read is retried by the next query
+                self.features.put(key, features)
+        return features
+
+    async def _rerank(self, state: _State, results: list[dict], pixels: np.ndarray, n: int):
+        """The top n results re-ranked by inliers between the query and each catalog photo."""
+        query_features, *found = await asyncio.gather(
+            asyncio.to_thread(verify.local_features, pixels),
+            *(self._catalog_features(state, row) for row in results[:n]),
+        )
+        by_id = {row["id"]: f for row, f in zip(results[:n], found, strict=True)}
+        return await asyncio.to_thread(
+            verify.rerank, results, query_features, lambda row: by_id.get(row["id"]), n
+        )
+
     async def _query(
-        self, response: Response, vector_of, k: int, category: str | None, exclude=None
+        self, response: Response, query_of, k: int, category: str | None, exclude=None
     ) -> dict:
-        """Admit, pin the current version, get the query vector, search, answer."""
+        """Admit, pin the current version, get the query (vector, and the photo's pixels or
+        None), search; for a photo, re-rank the top products and predict its category."""
         started, stage = time.perf_counter(), _Stages()
         async with self._slot():
             state = self.state
-            vector = await vector_of(state, stage)
+            metric = state.version.manifest.metric
+            vector, pixels = await query_of(state, stage)
+            # The bonus is added to a cosine: an "l2" version (distances) is not re-ranked.
+            rerank = self.rerank if pixels is not None and metric == "ip" else 0
             with stage("search"):
-                results = await self._search(state, vector, k, category, exclude)
+                results = await self._search(state, vector, max(k, rerank), category, exclude)
+            if rerank and results:
+                with stage("rerank"):
+                    results = await self._rerank(state, results, pixels, rerank)
+            results = results[:k]
             took = (time.perf_counter() - started) * 1000
         response.headers["Server-Timing"] = stage.header() + f", total;dur={took:.2f}"
-        return {
+        answer = {
             "results": results,
             "index_version": state.name,
             "took_ms": round(took, 2),
             "partial": False,
         }
+        if pixels is not None:
+            answer["predicted_category"] = verify.predicted_category(results, metric=metric)
+        return answer
 
     # --- endpoints ------------------------------------------------------------------------
 
@@ -379,12 +427,12 @@ class Ingress:
         k: TopK = 10,
         category: Category = None,
     ) -> dict:
-        async def upload_vector(state: _State, stage: _Stages) -> np.ndarray:
+        async def upload_query(state: _State, stage: _Stages) -> tuple[np.ndarray, np.ndarray]:
             with stage("read"):
                 data = await self._read_upload(request)
-            return await self._embed(data, stage)
+            return await self._embed(state, data, stage)
 
-        return await self._query(response, upload_vector, k, category)
+        return await self._query(response, upload_query, k, category)
 
     @app.get("/products/{product_id:path}/similar")
     async def similar(
@@ -394,12 +442,12 @@ class Ingress:
         k: TopK = 10,
         category: Category = None,
     ) -> dict:
-        async def stored_vector(state: _State, stage: _Stages) -> np.ndarray:
+        async def stored_vector(state: _State, stage: _Stages) -> tuple[np.ndarray, None]:
             gid = self._first_id(state, product_id)
             shard = self._shard_of(state, gid)
             with stage("vector"):
                 vector = await self.shards[shard].reconstruct.remote(state.name, gid)
-            return np.asarray(vector, np.float32)[None]
+            return np.asarray(vector, np.float32)[None], None
 
         return await self._query(response, stored_vector, k, category, exclude=product_id)
 
@@ -459,15 +507,30 @@ class Ingress:
             if target is None or target == previous:
                 return {"status": "unchanged", "index_version": previous}
             version = versions.open_version(self.index_root, target)
-            if version.manifest.model != self.state.version.manifest.model:
-                raise ApiError(
-                    409, "incompatible_version", "the new version uses another model: redeploy"
-                )
+            local = await self._local_for(version.manifest.model)
             # Warm every shard before switching, so no query waits on a load.
             await asyncio.gather(*(s.prepare.remote(target) for s in self.shards))
-            self.state = await asyncio.to_thread(self._load, version)
+            self.state = await asyncio.to_thread(self._load, version, local)
             log.info("reloaded index %s -> %s", previous, target)
             return {"status": "reloaded", "index_version": target, "previous": previous}
+
+    async def _local_for(self, model: dict):
+        """The embedder for a version's model: the live one when the model is the same; a new
+        one when only the head changed (a re-index re-tunes it) and this replica embeds."""
+        live = self.state.version.manifest.model
+        if model == live:
+            return self.state.local
+        same_backbone = all(
+            model.get(k) == live.get(k) for k in ("model_id", "weights", "preprocess")
+        )
+        if self.local_args is None or not same_backbone:
+            raise ApiError(
+                409, "incompatible_version", "the new version uses another model: redeploy"
+            )
+        try:
+            return await asyncio.to_thread(BatchedEmbedder, model, **self.local_args)
+        except (ValueError, OSError) as exc:
+            raise ApiError(409, "incompatible_version", f"cannot load its model: {exc}") from exc
 
     def _first_id(self, state: _State, product_id: str) -> int:
         ids = state.docs.ids_of(product_id)
