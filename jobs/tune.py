@@ -9,7 +9,7 @@ From the catalog's own backbone vectors and labels, with no image decoded again 
    when the cluster has them) is trained on the train products;
 3. the tuned model is the backbone's vector next to that projection (a "concat" head): cosine =
    (1 - mix) * backbone + mix * projection. A projection alone trades instance recall for
-   category structure (measured on products-dev: recall@1 0.88 -> 0.82); beside the backbone
+   category structure (issue 11 and README: a projection alone loses recall@1); beside the backbone
    it adds the structure and keeps the instance detail;
 4. re-photographed queries (jobs/make_queries.py) of up to --eval-products products per split
    are embedded; `mix` is chosen on the validation products (the best instance recall@1 +
@@ -53,7 +53,7 @@ class Config:
     mixes: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
     dim: int = 256
     hidden: int = 1024
-    epochs: int = 15  # products-dev: as good as 40 on held-out products, a third of the time
+    epochs: int = 15  # more overfits the proxies on small catalogs and costs time
     margin: float = 0.2
     min_images: int = 500
     min_per_label: int = 5
