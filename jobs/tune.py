@@ -9,8 +9,8 @@ From the catalog's own backbone vectors and labels, with no image decoded again 
    when the cluster has them) is trained on the train products;
 3. the tuned model is the backbone's vector next to that projection (a "concat" head): cosine =
    (1 - mix) * backbone + mix * projection. A projection alone trades instance recall for
-   category structure (issue 11 and README: a projection alone loses recall@1); beside the backbone
-   it adds the structure and keeps the instance detail;
+   category structure (the issue-11 finding, and the openclipart table in the README); beside
+   the backbone it adds the structure and keeps the instance detail;
 4. re-photographed queries (jobs/make_queries.py) of up to --eval-products products per split
    are embedded; `mix` is chosen on the validation products (the best instance recall@1 +
    category precision@10 among the mixes that keep instance recall), the tuned model is compared
