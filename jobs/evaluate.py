@@ -320,15 +320,9 @@ def _rerank(
     pool: ThreadPoolExecutor,
 ) -> list[dict]:
     """POST /search's re-rank of the top n results; catalog features read in the pool."""
-    found = {r["id"]: cache.get(r["id"]) for r in results[:n]}
-    missing = [r for r in results[:n] if found[r["id"]] is None]
-    uris = [r["image_uri"] for r in missing]
-    for row, features in zip(
-        missing, pool.map(verify.read_features, uris, [preprocess] * len(uris)), strict=True
-    ):
-        found[row["id"]] = features
-        if features is not None:  # the cache is used from this thread only
-            cache.put(row["id"], features)
+    top = results[:n]
+    read = pool.map(lambda r: cache.get_or_read(r["id"], r["image_uri"], preprocess), top)
+    found = {row["id"]: features for row, features in zip(top, read, strict=True)}
     return verify.rerank(results, query_features, lambda row: found[row["id"]], n)
 
 

@@ -85,15 +85,14 @@ def _load(ds: embeddings.Dataset, labels: str):
     return table, x, pids, cats
 
 
-def _queries(cfg: Config, table: pa.Table, splits: np.ndarray, model: dict, work: str):
+def _queries(cfg: Config, table: pa.Table, pids, splits: np.ndarray, model: dict, work: str):
     """(vectors, product ids, split names) of re-photographed held-out queries."""
     rng = np.random.default_rng(cfg.seed)
-    rows = []
-    for name in tuning.SPLITS:
-        products = np.unique(np.asarray(table["product_id"].to_pylist())[splits == name])
-        chosen = set(rng.permutation(products)[: cfg.eval_products].tolist())
-        rows += [i for i, p in enumerate(table["product_id"].to_pylist()) if p in chosen]
-    sources = table.select(["product_id", "image_uri"]).take(pa.array(sorted(rows)))
+    chosen = np.concatenate(
+        [rng.permutation(np.unique(pids[splits == s]))[: cfg.eval_products] for s in tuning.SPLITS]
+    )
+    rows = np.flatnonzero(np.isin(pids, chosen))
+    sources = table.select(["product_id", "image_uri"]).take(pa.array(rows))
     storage.write_parquet(storage.join(work, "sources.parquet"), sources)
     made = make_queries.run(
         make_queries.Config(
@@ -114,7 +113,7 @@ def _queries(cfg: Config, table: pa.Table, splits: np.ndarray, model: dict, work
     ds = embeddings.open_dataset(out)
     qt = ds.read_range(0, ds.count)
     qpids = np.asarray(qt["product_id"].to_pylist(), dtype=object).astype(str)
-    split_of = dict(zip(table["product_id"].to_pylist(), splits, strict=True))
+    split_of = dict(zip(pids, splits, strict=True))
     return ds.vectors(qt), qpids, np.asarray([split_of[p] for p in qpids])
 
 
@@ -137,13 +136,6 @@ def _train(cfg: Config, x: np.ndarray, codes: np.ndarray, rows: np.ndarray, n: i
     return train_head._train_metric(th, train_head.training_rows(x, codes, rows, None), n)
 
 
-def _project(head, x: np.ndarray) -> np.ndarray:
-    import torch
-
-    with torch.inference_mode():
-        return head(torch.from_numpy(np.array(x, np.float32))).numpy()
-
-
 def _concat_head(proj_head: heads.Head, in_dim: int, mix: float) -> heads.Head:
     head = heads.Head("concat", in_dim, in_dim + proj_head.out_dim, proj_head.hidden)
     head.proj.load_state_dict(proj_head.proj.state_dict())
@@ -154,7 +146,7 @@ def _concat_head(proj_head: heads.Head, in_dim: int, mix: float) -> heads.Head:
 def _evaluate(cfg, x, pids, cats, proj, queries, splits):
     """Untuned and tuned measurements per split, with the mix chosen on validation."""
     qx, qpids, qsplits = queries
-    qproj, xproj = _project(proj, qx), _project(proj, x)
+    qproj, xproj = train_head._project(proj, qx), train_head._project(proj, x)
 
     def at(mix: float | None, split: str) -> dict:
         g = x if mix is None else tuning.concat(x, xproj, mix)
@@ -194,7 +186,7 @@ def run(cfg: Config) -> dict:
         + ", ".join(f"{s} {int((splits == s).sum()):,}" for s in tuning.SPLITS)
     )
     work = cfg.work or f"{cfg.out.rstrip('/')}-work"
-    queries = _queries(cfg, table, splits, model, work)
+    queries = _queries(cfg, table, pids, splits, model, work)
     t_train = time.time()
     proj = _train(cfg, x, codes, np.flatnonzero(splits == "train"), len(names))
     train_s = time.time() - t_train
@@ -234,7 +226,7 @@ def run(cfg: Config) -> dict:
     tuned = embedders.describe(
         model["model_id"], cfg.weights, False, model["preprocess"]["mode"], head=uri
     )
-    embeddings.project(ds, cfg.out, lambda v: tuning.unit(_project(head, v)), tuned)
+    embeddings.project(ds, cfg.out, lambda v: train_head._project(head, v), tuned)
     _say(f"head {uri}; tuned vectors ({tuned['dim']}-d) -> {cfg.out} in {record['seconds']}s")
     return {**record, "head": uri, "embeddings": cfg.out}
 

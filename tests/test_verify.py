@@ -222,3 +222,14 @@ def test_feature_cache_is_an_lru_bounded_by_bytes():
     assert cache.nbytes == sum(f.nbytes for f in cache.entries.values())
     cache.put("huge", of(100))  # bigger than the whole cache: not kept
     assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_feature_cache_reads_once_and_retries_a_failed_read(tmp_path):
+    uri = str(tmp_path / "later.png")
+    cache = verify.FeatureCache(1 << 24)
+    assert cache.get_or_read("k", uri, PREPROCESS) is None and len(cache) == 0  # not cached
+    textured(3).save(uri)
+    first = cache.get_or_read("k", uri, PREPROCESS)
+    assert first is not None and len(cache) == 1
+    (tmp_path / "later.png").unlink()
+    assert cache.get_or_read("k", uri, PREPROCESS) is first  # served from the cache

@@ -364,23 +364,20 @@ class Ingress:
             row["image_url"] = f"/products/{row['product_id']}/image?id={row['id']}"
         return out
 
-    async def _catalog_features(self, state: _State, row: dict) -> verify.Features | None:
-        key = (state.name, row["id"])
-        features = self.features.get(key)
-        if features is None:
-            # The catalog's own limits, not the upload limit: the embed job read it with these.
-            features = await asyncio.to_thread(
-                verify.read_features, row["image_uri"], self.preprocess
-            )
-            if features is not None:  # a failed read is retried by the next query
-                self.features.put(key, features)
-        return features
-
     async def _rerank(self, state: _State, results: list[dict], pixels: np.ndarray, n: int):
         """The top n results re-ranked by inliers between the query and each catalog photo."""
         query_features, *found = await asyncio.gather(
             asyncio.to_thread(verify.local_features, pixels),
-            *(self._catalog_features(state, row) for row in results[:n]),
+            # The catalog's own limits, not the upload limit: the embed job read it with these.
+            *(
+                asyncio.to_thread(
+                    self.features.get_or_read,
+                    (state.name, row["id"]),
+                    row["image_uri"],
+                    self.preprocess,
+                )
+                for row in results[:n]
+            ),
         )
         by_id = {row["id"]: f for row, f in zip(results[:n], found, strict=True)}
         return await asyncio.to_thread(

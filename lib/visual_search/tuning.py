@@ -53,25 +53,29 @@ def instance_recall(
     gallery: np.ndarray, gallery_pids, queries: np.ndarray, query_pids, ks=(1, 10)
 ) -> dict[str, float]:
     """Share of queries whose own product is among the first k distinct products."""
-    gallery_pids = np.asarray(gallery_pids)
+    gallery_pids = np.asarray(gallery_pids).astype(str)
     hits = _neighbours(gallery, queries, 4 * max(ks))
     out = {}
     for k in ks:
-        found = [_first_products(gallery_pids[row], k) for row in hits]
-        out[f"instance_r{k}"] = float(
-            np.mean([str(q) in f for q, f in zip(query_pids, found, strict=True)])
-        )
+        found = [
+            str(q) in gallery_pids[_first_distinct(row, gallery_pids, k)]
+            for q, row in zip(query_pids, hits, strict=True)
+        ]
+        out[f"instance_r{k}"] = float(np.mean(found))
     return out
 
 
-def _first_products(pids: np.ndarray, k: int) -> set[str]:
-    seen: list[str] = []
-    for p in pids:
-        if str(p) not in seen:
-            seen.append(str(p))
-        if len(seen) == k:
-            break
-    return set(seen)
+def _first_distinct(row: np.ndarray, pids: np.ndarray, k: int, exclude: str | None = None):
+    """Positions in `row` of its first k distinct products (one per product, `exclude` left
+    out), as the API's one-result-per-product answers."""
+    chosen, seen = [], {exclude}
+    for j in row:
+        if pids[j] not in seen:
+            seen.add(pids[j])
+            chosen.append(j)
+            if len(chosen) == k:
+                break
+    return chosen
 
 
 def category_precision(gallery: np.ndarray, pids, labels, rows: np.ndarray, k: int = 10) -> float:
@@ -80,14 +84,7 @@ def category_precision(gallery: np.ndarray, pids, labels, rows: np.ndarray, k: i
     hits = _neighbours(gallery, gallery[rows], 4 * k + 1)
     precisions = []
     for r, row in zip(rows, hits, strict=True):
-        others = [j for j in row if pids[j] != pids[r]]
-        chosen, seen = [], set()
-        for j in others:
-            if pids[j] not in seen:
-                seen.add(pids[j])
-                chosen.append(j)
-            if len(chosen) == k:
-                break
+        chosen = _first_distinct(row, pids, k, exclude=pids[r])
         if chosen:
             precisions.append(float(np.mean(labels[chosen] == labels[r])))
     return float(np.mean(precisions)) if precisions else 0.0

@@ -8,6 +8,7 @@ answer stays sorted by score, and carry the raw similarity in "cosine" and "inli
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -133,26 +134,40 @@ def read_features(
 
 
 class FeatureCache:
-    """LRU of Features bounded by their bytes (500 keypoints are about 130 kB)."""
+    """LRU of Features bounded by their bytes (500 keypoints are about 130 kB); safe to share
+    between threads (the reads themselves run outside the lock)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.nbytes = 0
         self.entries: OrderedDict[Hashable, Features] = OrderedDict()
+        self.lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def get(self, key: Hashable) -> Features | None:
-        features = self.entries.get(key)
-        if features is not None:
-            self.entries.move_to_end(key)
-        return features
+        with self.lock:
+            features = self.entries.get(key)
+            if features is not None:
+                self.entries.move_to_end(key)
+            return features
 
     def put(self, key: Hashable, features: Features) -> None:
-        if key in self.entries:
-            self.nbytes -= self.entries.pop(key).nbytes
-        self.entries[key] = features
-        self.nbytes += features.nbytes
-        while self.nbytes > self.max_bytes and self.entries:
-            self.nbytes -= self.entries.popitem(last=False)[1].nbytes
+        with self.lock:
+            if key in self.entries:
+                self.nbytes -= self.entries.pop(key).nbytes
+            self.entries[key] = features
+            self.nbytes += features.nbytes
+            while self.nbytes > self.max_bytes and self.entries:
+                self.nbytes -= self.entries.popitem(last=False)[1].nbytes
+
+    def get_or_read(self, key: Hashable, uri: str, preprocess: images.Preprocess):
+        """The cached features of `key`, else read_features(uri) (cached unless None: a failed
+        read is retried next time)."""
+        features = self.get(key)
+        if features is None:
+            features = read_features(uri, preprocess)
+            if features is not None:
+                self.put(key, features)
+        return features
