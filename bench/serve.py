@@ -48,6 +48,7 @@ import json
 import math
 import mimetypes
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -699,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
     results["serve_env"] = cluster.use_serve_env(drain_s=1)
     say("serve_env", results["serve_env"])
     complete = False
+    # /admin/reload fails closed without a key: the replicas inherit this one from ray.init.
+    os.environ.setdefault(AppArgs.model_fields["api_key_env"].default, secrets.token_hex(16))
     try:
         ray.init(
             address="local", num_cpus=cores, include_dashboard=False, log_to_driver=args.ray_logs

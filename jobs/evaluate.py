@@ -1,18 +1,19 @@
 """Measure the retrieval quality of one index version, through the service's own query path.
 
     python jobs/evaluate.py --index-root URI (--queries URI | --leave-one-out) [--version V]
-        [--k 1,5,10,50] [--limit N] [--seed S] [--rerank N] [--out URI] [--weights URI]
-        [--s3-endpoint URL]
+        [--k 1,5,10,50] [--limit N] [--seed S] [--rerank N] [--any-category] [--out URI]
+        [--weights URI] [--s3-endpoint URL]
 
 Queries are either a table (Contract 1 style: `image_uri` plus `product_id` for instance-level
 and/or `category` for category-level ground truth; e.g. the output of jobs/make_queries.py),
 embedded in process with the index's own model, or (--leave-one-out) catalog photos of the index
 itself, whose stored vectors are the queries and whose own product is excluded from the results.
 Each query runs the Serve app's path in process (query.ShardIndex per shard +
-query.widening_search + query.results): one result per product, as POST /search answers. Table
+query.preferring_search + query.results): one result per product, as POST /search answers. Table
 queries then get POST /search's geometric re-rank of their top --rerank products (verify.py,
 against the catalog photos the docs name; 0: off; "ip" versions only); leave-one-out queries,
-like GET /products/{id}/similar, are not re-ranked.
+like GET /products/{id}/similar, are not re-ranked and list the products of the query's own
+category first (--any-category: nearest first, as ?same_category=false).
 
 Metrics (definitions in lib/visual_search/metrics.py) at each k: recall@k, precision@k, mAP@k,
 overall and per query category; the index's raw top-10 against exact search on the same queries
@@ -104,6 +105,7 @@ class Config:
     decode_threads: int = 8
     s3_endpoint: str | None = None
     products: tuple[str, ...] | None = None  # leave-one-out: only these products' photos
+    same_category: bool = True  # leave-one-out: own category first, as GET /similar
 
 
 @dataclass
@@ -115,6 +117,7 @@ class Queries:
     category: list[str | None]  # category ground truth (None: none)
     group: list[str | None]  # the category each query is reported under
     exclude: list[str | None]  # product excluded from the results (leave-one-out: its own)
+    prefer: list[str | None]  # category whose products come first (None: nearest first)
     self_ids: np.ndarray | None  # leave-one-out: the query's own global id
     attempted: int
     errors: Counter
@@ -216,6 +219,7 @@ def _table_queries(cfg: Config, version: Version, docs: query.Docs, rerank: bool
         category=[cats[j] for j in keep],
         group=[groups[j] for j in keep],
         exclude=[None] * len(keep),
+        prefer=[None] * len(keep),
         self_ids=None,
         attempted=len(uris),
         errors=errors,
@@ -264,6 +268,7 @@ def _leave_one_out_queries(
         category=cats,
         group=cats,
         exclude=pids,
+        prefer=cats if cfg.same_category else [None] * len(ids),
         self_ids=ids,
         attempted=len(ids),
         errors=Counter(),
@@ -336,7 +341,7 @@ def _search_all(
     preprocess: images.Preprocess | None = None,
     threads: int = 8,
 ) -> tuple[list[list[dict]], list[float], list[float]]:
-    """Each query through widening_search + results (one row per product, best photo first),
+    """Each query through preferring_search + results (one row per product, best photo first),
     then, with query features, the re-rank of its top `rerank` products; (answers (k rows
     each), search ms, rerank ms)."""
     rerank = rerank if q.features is not None else 0
@@ -348,12 +353,13 @@ def _search_all(
             for j in range(len(q.vectors)):
                 vector = q.vectors[j : j + 1]
 
-                async def fan_out(width: int, vector=vector):
-                    return [s.search(vector, width, None) for s in shards]
+                async def fan_out(width: int, category: str | None, vector=vector):
+                    return [s.search(vector, width, category) for s in shards]
 
                 t0 = time.perf_counter()
+                width, exclude, prefer = max(k, rerank), q.exclude[j], q.prefer[j]
                 hits = loop.run_until_complete(
-                    query.widening_search(fan_out, metric, docs, max(k, rerank), q.exclude[j])
+                    query.preferring_search(fan_out, metric, docs, width, exclude, prefer)
                 )
                 results = query.results(docs, hits)
                 search_ms.append((time.perf_counter() - t0) * 1000)
@@ -756,6 +762,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=Config.rerank,
         help="top products re-ranked by geometric verification, as POST /search (0: off)",
     )
+    p.add_argument(
+        "--any-category",
+        action="store_true",
+        help="leave-one-out: nearest products first, not the own category's (?same_category=false)",
+    )
     p.add_argument("--out", help="folder URI for report.json, summary.md, recall.png")
     p.add_argument("--weights", help="model weights URI (models that need them)")
     p.add_argument("--s3-endpoint", help=f"S3-compatible endpoint (or ${storage.ENDPOINT_ENV})")
@@ -773,6 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         limit=args.limit,
         seed=args.seed,
         rerank=args.rerank,
+        same_category=not args.any_category,
         out=args.out,
         weights=args.weights,
         s3_endpoint=args.s3_endpoint,

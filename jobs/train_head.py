@@ -165,7 +165,9 @@ def _train_loop(config: dict) -> None:
     for epoch in range(config["epochs"]):
         total, n = 0.0, 0
         batches = shard.iter_torch_batches(
-            batch_size=config["batch_size"], local_shuffle_buffer_size=4 * config["batch_size"]
+            batch_size=config["batch_size"],
+            local_shuffle_buffer_size=4 * config["batch_size"],
+            local_shuffle_seed=config["seed"] * 1000 + epoch,  # repeatable reruns
         )
         for batch in batches:
             x, xp = batch["x"].to(device).float(), batch["xp"].to(device).float()

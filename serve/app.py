@@ -22,7 +22,15 @@ class AppArgs(BaseModel):
     embedder_replicas: int = Field(1, ge=1)
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_inflight: int = Field(64, ge=1, description="requests in flight before 503")
-    api_key_env: str = "VISUAL_SEARCH_API_KEY"
+    api_key_env: str = Field(
+        "VISUAL_SEARCH_API_KEY",
+        description="environment variable holding the X-API-Key of /admin/* (in the replicas)",
+    )
+    admin_open: bool = Field(
+        False,
+        description="allow /admin/* without a key when none is configured (trusted networks "
+        "only); by default they answer 403 until a key is set",
+    )
     mmap: bool = True
     rerank: int = Field(
         10,
@@ -104,4 +112,5 @@ def build_app(args: AppArgs) -> Application:
         args.api_key_env,
         local,
         args.rerank,
+        args.admin_open,
     )

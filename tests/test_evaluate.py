@@ -215,6 +215,14 @@ def test_leave_one_out(world, tmp_path, capsys):
     # Like GET /products/{id}/similar, leave-one-out is not re-ranked; it predicts categories.
     assert report["rerank"] == 0 and report["latency_ms"]["rerank"] is None
     assert 0 <= report["predicted_category_accuracy"] <= 1
+    # Like /similar, the own category's products come first: each category has 5 others.
+    assert cat["precision@5"] == 1.0 and cat["recall@1"] == 1.0
+    nearest = evaluate.run(
+        evaluate.Config(world["index_root"], leave_one_out=True, limit=0, ks=(1, 5),
+                        same_category=False)
+    )  # fmt: skip
+    assert nearest["config"]["same_category"] is False
+    assert nearest["category"]["queries"] == N_PRODUCTS + 1
 
 
 def test_without_the_embeddings_dataset(world, tmp_path):

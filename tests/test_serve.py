@@ -193,16 +193,23 @@ def assert_answer(r: requests.Response) -> dict:
     assert r.status_code == 200, (r.status_code, r.text[:500])
     body = r.json()
     assert set(body) >= {"results", "index_version", "took_ms", "partial"}, body
-    # Searches by photo predict a category; /similar does not.
-    assert ("predicted_category" in body) == r.request.path_url.split("?")[0].endswith("/search")
+    # Searches by photo predict a category; /similar names the category it lists first.
+    by_photo = r.request.path_url.split("?")[0].endswith("/search")
+    assert ("predicted_category" in body) == by_photo != ("preferred_category" in body)
     assert body["partial"] is False
     assert isinstance(body["index_version"], str) and body["index_version"]
     assert isinstance(body["took_ms"], int | float) and body["took_ms"] >= 0
     for row in body["results"]:
         assert set(row) >= {"product_id", "score", "image_uri", "title", "category", "image_url"}
         assert isinstance(row["score"], float)
-    scores = [row["score"] for row in body["results"]]
-    assert scores == sorted(scores, reverse=True), scores
+    # Best first; /similar lists its preferred category's products first, each part best first.
+    preferred = body.get("preferred_category")
+    for part in (True, False):
+        rows = [row for row in body["results"] if (row["category"] == preferred) == part]
+        scores = [row["score"] for row in rows]
+        assert scores == sorted(scores, reverse=True), scores
+    first = [row["category"] == preferred for row in body["results"]]
+    assert first == sorted(first, reverse=True), first
     return body
 
 
@@ -365,11 +372,17 @@ def test_rerank_off(svc):
     with pytest.raises(ValueError):
         AppArgs(index_root="x", rerank=-1)
     args = AppArgs(index_root=svc.index_root, rerank=0, ingress_cpus=0.1, embedder_cpus=0.3,
-                   shard_cpus=0.05)  # fmt: skip
+                   shard_cpus=0.05, api_key_env="VS_TEST_NO_SUCH_KEY")  # fmt: skip
+    assert "VS_TEST_NO_SUCH_KEY" not in os.environ
     serve.run(build_app(args), name="vs-plain", route_prefix="/plain")
     try:
         # The proxy learns a new route a moment after serve.run returns.
         assert poll(lambda: svc.get("/plain/healthz").status_code == 200, timeout=30)
+        # No key configured: admin endpoints fail closed, with or without a key sent.
+        for headers in ({}, {"X-API-Key": API_KEY}):
+            r = svc.post("/plain/admin/reload", headers=headers)
+            assert_error(r, 403, "admin_disabled")
+            assert "VS_TEST_NO_SUCH_KEY" in r.json()["error"]["message"]
         for name in ("p007.jpg", "p021.jpg"):
             query = rotated_cropped(svc.files[name], 8)
             r = svc.post("/plain/search", data=query,
@@ -396,7 +409,8 @@ def test_embedder_deployment_gives_the_same_answers(svc):
     from serve.app import AppArgs, build_app
 
     args = AppArgs(index_root=svc.index_root, embed_in_ingress=False, ingress_cpus=0.1,
-                   embedder_cpus=0.3, shard_cpus=0.05)  # fmt: skip
+                   embedder_cpus=0.3, shard_cpus=0.05, api_key_env="VS_TEST_NO_SUCH_KEY",
+                   admin_open=True)  # fmt: skip
     assert not args.embeds_in_ingress and AppArgs(index_root="x").embeds_in_ingress
     assert not AppArgs(index_root="x", embedder_gpus=1).embeds_in_ingress
     assert not AppArgs(index_root="x", embedder_replicas=2).embeds_in_ingress
@@ -414,6 +428,9 @@ def test_embedder_deployment_gives_the_same_answers(svc):
             for a, b in zip(got["results"], want["results"], strict=True):
                 assert abs(a["score"] - b["score"]) < 1e-4
         assert_error(svc.post("/local/search", data=b"not an image"), 415, "not_an_image")
+        # admin_open with no key configured: reload needs no key (here nothing changed).
+        r = svc.post("/local/admin/reload")
+        assert r.status_code == 200 and r.json()["status"] == "unchanged", r.text
     finally:
         serve.delete("vs-local")
 
@@ -466,6 +483,21 @@ def test_similar_products(svc):
     assert len(body["results"]) == N_PRODUCTS - 1
     body = assert_answer(svc.get("/products/p037/similar", params={"k": 5, "category": "rare"}))
     assert sorted(pids(body)) == ["p038", "p039"]
+    # Unfiltered, the item's own category comes first (both other rare products, the nearest
+    # first), then the nearest others; same_category=false ranks by score alone.
+    body = assert_answer(svc.get("/products/p037/similar", params={"k": 6}))
+    own_first = pids(body)
+    assert body["preferred_category"] == "rare"
+    params = {"k": 40, "same_category": "false"}
+    body = assert_answer(svc.get("/products/p037/similar", params=params))
+    plain = body["results"]
+    assert body["preferred_category"] is None
+    assert [r["score"] for r in plain] == sorted((r["score"] for r in plain), reverse=True)
+    by_category = [
+        [r["product_id"] for r in plain if r["category"] == c] for c in ("rare", "common")
+    ]
+    assert own_first == by_category[0] + by_category[1][:4]
+    assert_error(svc.get("/products/p037/similar", params={"same_category": "maybe"}), 400)
     assert_error(svc.get("/products/nope/similar", params={"k": 5}), 404, "unknown_product")
     assert_error(svc.get("/products/p010/similar", params={"k": 0}), 400, "bad_request")
 

@@ -3,6 +3,7 @@ filters, docs lookup, and one result per product."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import faiss
@@ -90,6 +91,13 @@ class Docs:
         mask = pc.equal(self.table["product_id"], product_id)
         return pc.indices_nonzero(mask).to_numpy().astype(np.int64)
 
+    def category_of(self, gid: int) -> str | None:
+        """The category of one id (None when the docs have no category column or it is null)."""
+        if "category" not in self.table.column_names:
+            return None
+        value = self.table["category"][gid].as_py()
+        return None if value is None else str(value)
+
     def rows(self, ids: list[int]) -> list[dict]:
         return self.table.take(pa.array(ids, pa.int64())).to_pylist()
 
@@ -136,3 +144,19 @@ async def widening_search(fan_out, metric: str, docs: Docs, k: int, exclude: str
             break
         width = min(width * 4, n)
     return hits
+
+
+async def preferring_search(
+    fan_out, metric: str, docs: Docs, k: int, exclude: str | None = None, prefer=None
+):
+    """widening_search over fan_out(k', category): the k nearest products of category `prefer`
+    first (GET /similar: the item's own), then the nearest others; [(id, score)]."""
+    if prefer is None:
+        return await widening_search(lambda w: fan_out(w, None), metric, docs, k, exclude)
+    own, near = await asyncio.gather(
+        widening_search(lambda w: fan_out(w, prefer), metric, docs, k, exclude),
+        widening_search(lambda w: fan_out(w, None), metric, docs, k, exclude),
+    )
+    pids = docs.table["product_id"]
+    seen = {pids[gid].as_py() for gid, _ in own}
+    return (own + [(gid, s) for gid, s in near if pids[gid].as_py() not in seen])[:k]

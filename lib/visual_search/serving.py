@@ -258,10 +258,12 @@ class Ingress:
         api_key_env: str,
         local_embedder: dict | None = None,
         rerank: int = 10,
+        admin_open: bool = False,
     ):
         """`embedder`: the QueryEmbedder handle, or None with `local_embedder` = the
         BatchedEmbedder arguments (weights, device, threads) to embed in this replica.
-        `rerank`: how many top products of POST /search geometric verification re-ranks (0 off)."""
+        `rerank`: how many top products of POST /search geometric verification re-ranks (0 off).
+        /admin/* needs the key in $`api_key_env`; without one, they refuse unless `admin_open`."""
         if s3_endpoint:
             storage.configure(s3_endpoint)
         self.embedder, self.shards = embedder, shards
@@ -269,6 +271,7 @@ class Ingress:
         self.max_upload_bytes = max_upload_bytes
         self.max_inflight = max_inflight
         self.api_key = os.environ.get(api_key_env) or None
+        self.api_key_env, self.admin_open = api_key_env, admin_open
         self.inflight = 0
         self.reload_lock = asyncio.Lock()
         self.local_args = local_embedder if embedder is None else None
@@ -352,13 +355,16 @@ class Ingress:
                 vector = await self.embedder.embed.remote(pixels)
         return np.asarray(vector, np.float32)[None], pixels
 
-    async def _search(self, state: _State, vector, k, category, exclude=None) -> list[dict]:
-        async def fan_out(width: int):
-            calls = [s.search.remote(state.name, vector, width, category) for s in self.shards]
+    async def _search(self, state: _State, vector, k, category, exclude=None, prefer=None):
+        """Results filtered to `category`, or with `prefer`'s products first."""
+
+        async def fan_out(width: int, preferred: str | None):
+            filter_by = category or preferred
+            calls = [s.search.remote(state.name, vector, width, filter_by) for s in self.shards]
             return await asyncio.gather(*calls)
 
         metric = state.version.manifest.metric
-        hits = await query.widening_search(fan_out, metric, state.docs, k, exclude)
+        hits = await query.preferring_search(fan_out, metric, state.docs, k, exclude, prefer)
         out = query.results(state.docs, hits)
         for row in out:
             row["image_url"] = f"/products/{row['product_id']}/image?id={row['id']}"
@@ -387,17 +393,20 @@ class Ingress:
     async def _query(
         self, response: Response, query_of, k: int, category: str | None, exclude=None
     ) -> dict:
-        """Admit, pin the current version, get the query (vector, and the photo's pixels or
-        None), search; for a photo, re-rank the top products and predict its category."""
+        """Admit, pin the current version, get the query (vector, the photo's pixels or None,
+        the category to prefer or None), search; for a photo, re-rank the top products and
+        predict its category."""
         started, stage = time.perf_counter(), _Stages()
         async with self._slot():
             state = self.state
             metric = state.version.manifest.metric
-            vector, pixels = await query_of(state, stage)
+            vector, pixels, prefer = await query_of(state, stage)
+            prefer = None if category else prefer  # a filter makes the preference moot
             # The bonus is added to a cosine: an "l2" version (distances) is not re-ranked.
             rerank = self.rerank if pixels is not None and metric == "ip" else 0
             with stage("search"):
-                results = await self._search(state, vector, max(k, rerank), category, exclude)
+                width = max(k, rerank)
+                results = await self._search(state, vector, width, category, exclude, prefer)
             if rerank and results:
                 with stage("rerank"):
                     results = await self._rerank(state, results, pixels, rerank)
@@ -412,6 +421,8 @@ class Ingress:
         }
         if pixels is not None:
             answer["predicted_category"] = verify.predicted_category(results, metric=metric)
+        else:
+            answer["preferred_category"] = prefer
         return answer
 
     # --- endpoints ------------------------------------------------------------------------
@@ -424,10 +435,10 @@ class Ingress:
         k: TopK = 10,
         category: Category = None,
     ) -> dict:
-        async def upload_query(state: _State, stage: _Stages) -> tuple[np.ndarray, np.ndarray]:
+        async def upload_query(state: _State, stage: _Stages):
             with stage("read"):
                 data = await self._read_upload(request)
-            return await self._embed(state, data, stage)
+            return *await self._embed(state, data, stage), None
 
         return await self._query(response, upload_query, k, category)
 
@@ -438,13 +449,18 @@ class Ingress:
         response: Response,
         k: TopK = 10,
         category: Category = None,
+        same_category: bool = True,
     ) -> dict:
-        async def stored_vector(state: _State, stage: _Stages) -> tuple[np.ndarray, None]:
+        """Nearest products; by default those of the item's own category (when the catalog has
+        categories) come first, then the nearest others."""
+
+        async def stored_vector(state: _State, stage: _Stages):
             gid = self._first_id(state, product_id)
             shard = self._shard_of(state, gid)
             with stage("vector"):
                 vector = await self.shards[shard].reconstruct.remote(state.name, gid)
-            return np.asarray(vector, np.float32)[None], None
+            own = state.docs.category_of(gid) if same_category else None
+            return np.asarray(vector, np.float32)[None], None, own
 
         return await self._query(response, stored_vector, k, category, exclude=product_id)
 
@@ -494,10 +510,7 @@ class Ingress:
 
     @app.post("/admin/reload")
     async def reload(self, request: Request) -> dict:
-        if self.api_key:
-            given = request.headers.get("x-api-key", "")
-            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-                raise ApiError(401, "unauthorized", "missing or wrong X-API-Key")
+        self._admit_admin(request)
         async with self.reload_lock:
             previous = self.state.name
             target = versions.current(self.index_root)
@@ -528,6 +541,21 @@ class Ingress:
             return await asyncio.to_thread(BatchedEmbedder, model, **self.local_args)
         except (ValueError, OSError) as exc:
             raise ApiError(409, "incompatible_version", f"cannot load its model: {exc}") from exc
+
+    def _admit_admin(self, request: Request) -> None:
+        """Fail closed: 401 for a missing or wrong key, 403 when no key is configured."""
+        if self.api_key is None:
+            if self.admin_open:
+                return
+            raise ApiError(
+                403,
+                "admin_disabled",
+                f"admin endpoints are off: set ${self.api_key_env} in the replicas' environment "
+                "and send it as X-API-Key (or run with admin_open=true on a trusted network)",
+            )
+        given = request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise ApiError(401, "unauthorized", "missing or wrong X-API-Key")
 
     def _first_id(self, state: _State, product_id: str) -> int:
         ids = state.docs.ids_of(product_id)
