@@ -397,6 +397,38 @@ def test_pruning_keeps_the_newest_complete_versions(ray_local, tmp_path):
     assert v.load_shard(0).ntotal == 40
 
 
+@pytest.mark.parametrize(
+    "bad", ["../../etc", "/etc/passwd", "a/b", "..", "v\\..\\x", "s3://other/bucket", "x" * 200]
+)
+def test_current_and_manifest_names_are_validated(root_with_a, bad):
+    """CURRENT and the manifest's file names are data others wrote: a name that climbs out of
+    the index root (or its version folder) is refused with a message, never followed."""
+    root, version = root_with_a
+    current = pathlib.Path(root, "CURRENT")
+    current.write_text(bad + "\n")
+    with pytest.raises(ValueError, match="not a version id"):
+        versions.current(root)
+    with pytest.raises(ValueError, match="not a version id"):
+        versions.open_version(root, bad)
+    current.write_text(version + "\n")
+    manifest = pathlib.Path(root, "versions", version, "manifest.json")
+    good = json.loads(manifest.read_text())
+    # Shard and docs files may sit in sub-folders (docs/shard-00000.parquet), nowhere else.
+    for key in ("file", "docs") if bad not in ("a/b", "x" * 200) else ():
+        m = json.loads(json.dumps(good))
+        m["shards"][1][key] = bad
+        manifest.write_text(json.dumps(m))
+        with pytest.raises(ValueError, match="not a relative path inside the version"):
+            versions.open_version(root)
+    manifest.write_text(json.dumps(good))
+    assert versions.open_version(root).manifest.version == version
+    # A stray folder under versions/ is not a version: listed and pruned never.
+    stray = pathlib.Path(root, "versions", "..x")
+    stray.mkdir()
+    assert list(versions.list_versions(root)) == [version]
+    assert versions.prune(root, 1, version) == [] and stray.exists()
+
+
 def _complete_version(index_root, name: str) -> None:
     folder = pathlib.Path(index_root, "versions", name)
     folder.mkdir(parents=True)

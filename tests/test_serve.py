@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import pathlib
 import random
 import re
 import select
@@ -752,6 +753,19 @@ def test_reload_switches_to_a_retuned_head_without_a_redeploy(svc, tmp_path):
     assert svc.get("/version").json()["model"]["head"]["dim"] == 1296
     body = assert_answer(svc.search(svc.files["p007.jpg"]))
     assert pids(body)[0] == "p007" and body["index_version"] == manifest.version
+
+
+def test_reload_refuses_a_current_that_leaves_the_index_root(svc):
+    current = pathlib.Path(svc.index_root, "CURRENT")
+    live = current.read_text()
+    try:
+        current.write_text("../../elsewhere\n")
+        r = svc.post("/admin/reload", headers={"X-API-Key": API_KEY})
+        assert_error(r, 409, "bad_version")
+        assert "not a version id" in r.json()["error"]["message"]
+        assert assert_answer(svc.search(svc.files["p007.jpg"]))["index_version"] == live.strip()
+    finally:
+        current.write_text(live)
 
 
 # -------------------------------------------------------------------------------- overload

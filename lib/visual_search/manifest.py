@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,17 @@ class EmbeddingsManifest(_JsonManifest):
 
 
 INDEX_FORMAT = 1
+# A file a manifest names: a relative path inside its version folder, nothing that climbs out.
+_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_relative(path: str, what: str = "file") -> str:
+    """`path` when it is a plain relative path (a/b.ext parts; no "..", no absolute path, no
+    scheme or backslash), else ValueError naming it."""
+    parts = path.split("/") if isinstance(path, str) else [""]
+    if not all(_PART.fullmatch(p) and p != ".." for p in parts) or len(path) > 512:
+        raise ValueError(f"manifest {what} {path!r} is not a relative path inside the version")
+    return path
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,10 @@ class ShardRecord:
     bytes: int
     id_range: tuple[int, int]  # [first, last + 1) of the global ids it holds
     docs: str  # its docs Parquet file, relative to the version folder
+
+    def __post_init__(self):
+        check_relative(self.file, "shard file")
+        check_relative(self.docs, "docs file")
 
 
 @dataclass(frozen=True)

@@ -513,10 +513,13 @@ class Ingress:
         self._admit_admin(request)
         async with self.reload_lock:
             previous = self.state.name
-            target = versions.current(self.index_root)
-            if target is None or target == previous:
-                return {"status": "unchanged", "index_version": previous}
-            version = versions.open_version(self.index_root, target)
+            try:
+                target = versions.current(self.index_root)
+                if target is None or target == previous:
+                    return {"status": "unchanged", "index_version": previous}
+                version = versions.open_version(self.index_root, target)
+            except (ValueError, OSError) as exc:  # a corrupt CURRENT or manifest: keep serving
+                raise ApiError(409, "bad_version", f"cannot switch: {exc}") from exc
             local = await self._local_for(version.manifest.model)
             # Warm every shard before switching, so no query waits on a load.
             await asyncio.gather(*(s.prepare.remote(target) for s in self.shards))

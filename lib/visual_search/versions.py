@@ -7,6 +7,7 @@ CURRENT moves to a version only after that; readers open versions through CURREN
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,6 +22,15 @@ log = logging.getLogger(__name__)
 
 
 _last_ns = 0
+# What new_version_id makes, and what CURRENT and callers may name: one plain folder name.
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_version(name: str) -> str:
+    """`name` when it is a plain version id (no "/", "..", or absolute path), else ValueError."""
+    if not isinstance(name, str) or not _VERSION.fullmatch(name) or ".." in name:
+        raise ValueError(f"{name!r} is not a version id (letters, digits, '.', '_', '-')")
+    return name
 
 
 def new_version_id() -> str:
@@ -34,7 +44,7 @@ def new_version_id() -> str:
 
 
 def version_root(index_root: str, version: str) -> str:
-    return storage.join(index_root, "versions", version)
+    return storage.join(index_root, "versions", check_version(version))
 
 
 def current(index_root: str) -> str | None:
@@ -42,7 +52,13 @@ def current(index_root: str) -> str | None:
     uri = storage.join(index_root, "CURRENT")
     if not storage.exists(uri):
         return None
-    return storage.read_text(uri).strip() or None
+    name = storage.read_bytes(uri, 4096).decode("utf-8", "replace").strip()
+    if not name:
+        return None
+    try:
+        return check_version(name)
+    except ValueError as exc:
+        raise ValueError(f"{uri}: {exc}") from None
 
 
 def set_current(index_root: str, version: str) -> None:
@@ -61,6 +77,8 @@ def list_versions(index_root: str) -> dict[str, bool]:
     base = storage.normalize(root)
     for e in storage.list_files(root):
         name, _, rest = e.uri[len(base) + 1 :].partition("/")
+        if not _VERSION.fullmatch(name) or ".." in name:
+            continue  # not a version folder this code wrote (and never one to prune)
         out[name] = out.get(name, False) or rest == "manifest.json"
     return dict(sorted(out.items()))
 
