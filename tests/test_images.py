@@ -17,6 +17,7 @@ from visual_search.images import (
     Preprocess,
     decode,
     load,
+    media_type,
     to_rgb,
 )
 
@@ -341,3 +342,17 @@ def test_to_rgb(img, expected):
 def test_to_rgb_keeps_rgb_as_is():
     img = _image("RGB", [RED])
     assert to_rgb(img) is img
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP"])
+def test_media_type_comes_from_the_bytes(fmt):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format=fmt)
+    assert media_type(buf.getvalue()) == Image.MIME[fmt]
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"PATH=/usr/bin\n", b"RIFF\x00\x00\x00\x00WAVE", b"%PDF-1.7"]
+)
+def test_media_type_of_non_images_is_none(data):
+    assert media_type(data) is None

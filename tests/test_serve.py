@@ -518,6 +518,26 @@ def test_product_image(svc):
     assert_error(svc.get("/products/p005/image", params={"id": 999999}), 404)
     other = assert_answer(svc.search(svc.files["p001.jpg"], k=1))["results"][0]["id"]
     assert_error(svc.get("/products/p005/image", params={"id": other}), 404)  # p001's photo
+    assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_product_image_serves_only_image_bytes(svc):
+    """A docs row naming a file that is not an image (here: the photo replaced by text, as a row
+    pointing at /proc/self/environ would read) gives a 404, never the bytes."""
+    path = pathlib.Path(
+        assert_answer(svc.search(svc.files["p008.jpg"], k=1))["results"][0]["image_uri"]
+    )
+    assert path.name == "p008.jpg"
+    try:
+        path.write_bytes(b"SECRET_TOKEN=abc\nHOME=/root\n")
+        r = svc.get("/products/p008/image")
+        assert_error(r, 404, "not_found")
+        assert b"SECRET" not in r.content
+        path.write_bytes(svc.files["p014.png"])  # PNG bytes under a .jpg name: served as PNG
+        r = svc.get("/products/p008/image")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    finally:
+        path.write_bytes(svc.files["p008.jpg"])
 
 
 # ---------------------------------------------------------------------------------- errors

@@ -17,6 +17,26 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")
 SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp")
 
+# Leading bytes of each catalog format -> the media type it is served as.
+_MAGIC = (
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"II*\x00", "image/tiff"),
+    (b"MM\x00*", "image/tiff"),
+    (b"BM", "image/bmp"),
+)
+
+
+def media_type(data: bytes) -> str | None:
+    """The image media type the bytes themselves show (never the file name), or None when they
+    are not one of the catalog formats."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((media for magic, media in _MAGIC if data.startswith(magic)), None)
+
+
 # Contract 2 error codes produced here ("read_error" comes from storage).
 ERROR_CODES = (
     "read_error",
