@@ -26,6 +26,7 @@ class AppArgs(BaseModel):
         "VISUAL_SEARCH_API_KEY",
         description="environment variable holding the X-API-Key of /admin/* (in the replicas)",
     )
+    upload_tiff: bool = Field(False, description="accept TIFF query photos (off: 415)")
     admin_open: bool = Field(
         False,
         description="allow /admin/* without a key when none is configured (trusted networks "
@@ -113,4 +114,5 @@ def build_app(args: AppArgs) -> Application:
         local,
         args.rerank,
         args.admin_open,
+        args.upload_tiff,
     )

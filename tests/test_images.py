@@ -12,6 +12,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from visual_search.images import (
     ERROR_CODES,
+    UPLOAD_FORMATS,
     ImageError,
     Limits,
     Preprocess,
@@ -356,3 +357,19 @@ def test_media_type_comes_from_the_bytes(fmt):
 )
 def test_media_type_of_non_images_is_none(data):
     assert media_type(data) is None
+
+
+def test_formats_can_be_narrowed():
+    """Uploads leave TIFF out: a TIFF is then "unsupported", other formats still decode."""
+    tiff, jpeg = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(tiff, format="TIFF")
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(jpeg, format="JPEG")
+    uploads = Limits(formats=UPLOAD_FORMATS)
+    assert "TIFF" not in UPLOAD_FORMATS and decode(tiff.getvalue()).size == (32, 32)
+    with pytest.raises(ImageError) as info:
+        decode(tiff.getvalue(), uploads)
+    assert info.value.code == "unsupported" and "image/tiff" in info.value.detail
+    assert decode(jpeg.getvalue(), uploads).size == (32, 32)
+    with pytest.raises(ImageError) as info:
+        decode(b"plain text, no image", uploads)
+    assert info.value.code == "not_an_image"

@@ -566,6 +566,12 @@ def test_not_an_image_is_415(svc):
     html = b"<!doctype html><html><body><img src=x onerror=alert(1)></body></html>"
     r = svc.post("/search", files={"image": ("page.html", html, "text/html")})
     assert_error(r, 415, "not_an_image")
+    # TIFF is a catalog format but not an upload one (AppArgs.upload_tiff turns it on).
+    tiff = io.BytesIO()
+    Image.open(io.BytesIO(svc.files["p008.jpg"])).save(tiff, format="TIFF")
+    r = svc.search(tiff.getvalue())
+    assert_error(r, 415, "unsupported")
+    assert "image/tiff" in r.json()["error"]["message"]
 
 
 def test_unusable_images_are_422(svc):

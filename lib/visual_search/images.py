@@ -15,6 +15,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 # Formats a catalog may hold. Anything else (EPS, PSD, ICO, ...) is refused before parsing.
 # (MPO files open through the JPEG plugin.)
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")
+# Uploads leave TIFF out unless enabled: a large parser surface for a format no phone sends.
+UPLOAD_FORMATS = tuple(f for f in FORMATS if f != "TIFF")
 SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp")
 
 # Leading bytes of each catalog format -> the media type it is served as.
@@ -70,6 +72,7 @@ class Limits:
     max_pixels: int = 40_000_000
     # Smaller images (tracking pixels, placeholders) carry no product.
     min_side: int = 16
+    formats: tuple[str, ...] = FORMATS  # the Pillow formats accepted
 
 
 @dataclass(frozen=True)
@@ -165,9 +168,12 @@ def decode(data: bytes, limits: Limits = Limits(), draft_size: int | None = None
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; truncation would be hidden")
     try:
-        img = Image.open(io.BytesIO(data), formats=FORMATS)
+        img = Image.open(io.BytesIO(data), formats=limits.formats)
     except UnidentifiedImageError as exc:
-        raise ImageError("not_an_image", "not a JPEG/PNG/GIF/WebP/TIFF/BMP image") from exc
+        media = media_type(data)
+        if media is not None:  # a catalog format this caller does not accept
+            raise ImageError("unsupported", f"{media} is not accepted here") from exc
+        raise ImageError("not_an_image", f"not a {'/'.join(limits.formats)} image") from exc
     except Exception as exc:
         raise _classify(exc) from exc
     w, h = img.size

@@ -258,6 +258,7 @@ class Ingress:
         local_embedder: dict | None = None,
         rerank: int = 10,
         admin_open: bool = False,
+        upload_tiff: bool = False,
     ):
         """`embedder`: the QueryEmbedder handle, or None with `local_embedder` = the
         BatchedEmbedder arguments (weights, device, threads) to embed in this replica.
@@ -283,7 +284,8 @@ class Ingress:
             self.state.version.manifest.model["model_id"],
             self.state.version.manifest.model.get("preprocess", {}).get("mode", "pad"),
         )
-        self.limits = images.Limits(max_bytes=max_upload_bytes)
+        formats = images.FORMATS if upload_tiff else images.UPLOAD_FORMATS
+        self.limits = images.Limits(max_bytes=max_upload_bytes, formats=formats)
         self.rerank = rerank
         self.features = verify.FeatureCache(FEATURE_CACHE_BYTES)
         self.code_version = code_version()
