@@ -74,8 +74,16 @@ def _plan(cfg: Config, cat: catalog.Catalog) -> dict:
         "weights": cfg.weights,
         "preprocess": cfg.preprocess,
         "head": cfg.head,
-        "limits": dataclasses.asdict(cfg.limits),
+        "limits": _limits_record(cfg.limits),
     }
+
+
+def _limits_record(limits: images.Limits) -> dict:
+    """The limits as _plan.json holds them (formats only when narrowed, as plans before the
+    field existed recorded them)."""
+    out = dataclasses.asdict(limits)
+    formats = out.pop("formats")
+    return out if tuple(formats) == images.FORMATS else {**out, "formats": list(formats)}
 
 
 def _prepare_out(cfg: Config, plan: dict) -> None:
