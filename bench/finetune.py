@@ -88,18 +88,6 @@ def vectors(model: Split, maps: torch.Tensor, batch: int = 256) -> np.ndarray:
     ).numpy()
 
 
-def recall_at_1(q: np.ndarray, q_rows: np.ndarray, cat: np.ndarray, pids: np.ndarray) -> float:
-    top = (q @ cat.T).argmax(axis=1)
-    return float((pids[top] == pids[q_rows]).mean())
-
-
-def nearest_p10(cat: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> float:
-    sims = cat[rows] @ cat.T
-    sims[np.arange(len(rows)), rows] = -np.inf
-    top = np.argsort(-sims, axis=1)[:, :10]
-    return float((labels[top] == labels[rows][:, None]).mean())
-
-
 def train(model, maps, view_rows, cat_maps, frozen, args, evaluate) -> tuple[nn.Module, list]:
     """InfoNCE of views against their catalog photo; returns the best tail and the history."""
     for m in model.tail.modules():
@@ -177,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def measure(m: Split, split: str) -> tuple[float, np.ndarray]:
         catv = vectors(m, cat_maps)
-        return recall_at_1(vectors(m, q_maps[split]), q_rows[split], catv, pids), catv
+        qv = vectors(m, q_maps[split])
+        return tuning.instance_recall(catv, pids, qv, pids[q_rows[split]])["instance_r1"], catv
 
     frozen_val, frozen_cat = measure(model, "val")
     frozen_test, _ = measure(model, "test")
@@ -188,15 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     train_s = time.perf_counter() - t0
     tuned_test, tuned_cat = measure(model, "test")
-    test_rows = q_rows["test"]
+
+    def p10(catv: np.ndarray) -> float:  # nearest-only category precision, test products
+        return tuning.category_precision(catv, pids, labels, q_rows["test"])
+
     out = {
         "config": vars(a),
         "views": len(view_rows),
         "frozen": {"val_r1": frozen_val, "test_r1": frozen_test,
-                   "test_nearest_p10": nearest_p10(frozen_cat, test_rows, labels)},
+                   "test_nearest_p10": p10(frozen_cat)},
         "tuned": {"val_r1": max(h["val_r1"] for h in history) if history else frozen_val,
                   "test_r1": tuned_test,
-                  "test_nearest_p10": nearest_p10(tuned_cat, test_rows, labels)},
+                  "test_nearest_p10": p10(tuned_cat)},
         "history": history,
         "trunk_s": round(trunk_s, 1),
         "train_s": round(train_s, 1),

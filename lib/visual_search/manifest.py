@@ -99,7 +99,8 @@ def check_relative(path: str, what: str = "file") -> str:
     """`path` when it is a plain relative path (a/b.ext parts; no "..", no absolute path, no
     scheme or backslash), else ValueError naming it."""
     parts = path.split("/") if isinstance(path, str) else [""]
-    if not all(_PART.fullmatch(p) and p != ".." for p in parts) or len(path) > 512:
+    # Each part starts with a letter or digit: "..", "" (a leading "/") and "s3:" never match.
+    if not all(_PART.fullmatch(p) for p in parts) or len(path) > 512:
         raise ValueError(f"manifest {what} {path!r} is not a relative path inside the version")
     return path
 

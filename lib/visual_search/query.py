@@ -3,7 +3,6 @@ filters, docs lookup, and one result per product."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 import faiss
@@ -150,13 +149,14 @@ async def preferring_search(
     fan_out, metric: str, docs: Docs, k: int, exclude: str | None = None, prefer=None
 ):
     """widening_search over fan_out(k', category): the k nearest products of category `prefer`
-    first (GET /similar: the item's own), then the nearest others; [(id, score)]."""
+    first (GET /similar: the item's own), then, only when it has fewer than k, the nearest
+    others; [(id, score)]."""
     if prefer is None:
         return await widening_search(lambda w: fan_out(w, None), metric, docs, k, exclude)
-    own, near = await asyncio.gather(
-        widening_search(lambda w: fan_out(w, prefer), metric, docs, k, exclude),
-        widening_search(lambda w: fan_out(w, None), metric, docs, k, exclude),
-    )
+    own = await widening_search(lambda w: fan_out(w, prefer), metric, docs, k, exclude)
+    if len(own) >= k:
+        return own
+    near = await widening_search(lambda w: fan_out(w, None), metric, docs, k, exclude)
     pids = docs.table["product_id"]
     seen = {pids[gid].as_py() for gid, _ in own}
     return (own + [(gid, s) for gid, s in near if pids[gid].as_py() not in seen])[:k]

@@ -26,9 +26,14 @@ _last_ns = 0
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
+def is_version_id(name: str) -> bool:
+    """A plain version id: one folder name, no "/", ".." or absolute path."""
+    return isinstance(name, str) and bool(_VERSION.fullmatch(name)) and ".." not in name
+
+
 def check_version(name: str) -> str:
-    """`name` when it is a plain version id (no "/", "..", or absolute path), else ValueError."""
-    if not isinstance(name, str) or not _VERSION.fullmatch(name) or ".." in name:
+    """`name` when it is a plain version id, else ValueError."""
+    if not is_version_id(name):
         raise ValueError(f"{name!r} is not a version id (letters, digits, '.', '_', '-')")
     return name
 
@@ -77,7 +82,7 @@ def list_versions(index_root: str) -> dict[str, bool]:
     base = storage.normalize(root)
     for e in storage.list_files(root):
         name, _, rest = e.uri[len(base) + 1 :].partition("/")
-        if not _VERSION.fullmatch(name) or ".." in name:
+        if not is_version_id(name):
             continue  # not a version folder this code wrote (and never one to prune)
         out[name] = out.get(name, False) or rest == "manifest.json"
     return dict(sorted(out.items()))
