@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs import cli
 from visual_search import catalog, cluster, devices, embedders, images, schema, storage
 from visual_search.manifest import EmbeddingsManifest, FileRecord
 from visual_search.pipeline import EmbedBatch, decode_batch
@@ -411,7 +412,7 @@ def config_from_args(args: argparse.Namespace, out: str | None = None) -> Config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.parser(__doc__)
     add_model_arguments(p)
     p.add_argument("--out", required=True, help="output dataset URI (local path or s3://)")
     p.add_argument("--gpus", type=int, help=devices.GPUS_HELP)
@@ -421,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=int, default=images.Limits.max_bytes)
     p.add_argument("--min-side", type=int, default=images.Limits.min_side)
     p.add_argument("--device", help="torch device for the actors (default: auto)")
-    p.add_argument("--s3-endpoint", help=f"S3-compatible endpoint (or ${storage.ENDPOINT_ENV})")
+    cli.add_s3_endpoint(p)
     p.add_argument("--overwrite", action="store_true", help="delete --out first")
     return p
 
@@ -429,13 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = config_from_args(args)
-    try:
-        run(cfg)
-    except (catalog.CatalogError, storage.StorageError, JobError, ValueError) as exc:
-        print(f"[embed] error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return cli.exit_code("embed", lambda: run(config_from_args(args)), (JobError,))
 
 
 if __name__ == "__main__":

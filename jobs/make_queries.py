@@ -22,10 +22,8 @@ and counted.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
-import os
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -35,9 +33,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageEnhance, ImageFilter
 
-if __package__ in (None, ""):  # run as a script: make the sibling jobs importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from jobs import cli
 from visual_search import catalog, images, storage
 
 # Sources are shrunk to this longest side first: queries are embedded at 224 px anyway.
@@ -296,7 +292,7 @@ def run(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--catalog", required=True, help="catalog table or image folder/prefix URI")
     p.add_argument("--out", required=True, help="output folder URI (images/, queries.parquet)")
     p.add_argument("--per-product", type=int, default=Config.per_product)
@@ -304,24 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=Config.seed)
     p.add_argument("--threads", type=int, default=Config.threads)
     p.add_argument("--profile", default=Config.profile, choices=sorted(PROFILES))
-    p.add_argument("--s3-endpoint", help=f"S3-compatible endpoint (or ${storage.ENDPOINT_ENV})")
+    cli.add_s3_endpoint(p)
     args = p.parse_args(argv)
-    cfg = Config(
-        catalog=args.catalog,
-        out=args.out,
-        per_product=args.per_product,
-        limit=args.limit,
-        seed=args.seed,
-        threads=args.threads,
-        s3_endpoint=args.s3_endpoint,
-        profile=args.profile,
-    )
-    try:
-        run(cfg)
-    except (QueryGenError, catalog.CatalogError, OSError, ValueError) as exc:
-        print(f"[make_queries] error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return cli.exit_code("make_queries", lambda: run(cli.config(Config, args)), (QueryGenError,))
 
 
 if __name__ == "__main__":

@@ -25,13 +25,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from dataclasses import dataclass
-
-if __package__ in (None, ""):  # run as a script: make the sibling jobs importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jobs import build_index, embed, evaluate, tune
 from visual_search import catalog, embedders, embeddings, storage, versions

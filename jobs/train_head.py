@@ -23,7 +23,6 @@ backbone (nearest-neighbour label precision@10) before the file is written.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -31,12 +30,10 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-if __package__ in (None, ""):  # run as a script: make the sibling jobs importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np
 import pyarrow as pa
 
+from jobs import cli
 from visual_search import cluster, devices, embeddings, heads, storage
 
 
@@ -349,7 +346,7 @@ def run(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--embeddings", required=True, help="embeddings dataset URI (backbone only)")
     p.add_argument("--out", required=True, help="head file URI to write")
     p.add_argument("--labels", default="category", help="label column (default: category)")
@@ -369,36 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, help="Ray Train workers (default: GPUs, else 1)")
     p.add_argument("--train-storage", help="Ray Train checkpoint storage (s3:// on a cluster)")
-    p.add_argument("--s3-endpoint", help=f"S3-compatible endpoint (or ${storage.ENDPOINT_ENV})")
+    cli.add_s3_endpoint(p)
     args = p.parse_args(argv)
-    cfg = Config(
-        embeddings=args.embeddings,
-        out=args.out,
-        labels=args.labels,
-        method=args.method,
-        dim=args.dim,
-        kind=args.kind,
-        hidden=args.hidden,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        margin=args.margin,
-        scale=args.scale,
-        preserve=args.preserve,
-        views=args.views,
-        instance_weight=args.instance_weight,
-        val_frac=args.val_frac,
-        seed=args.seed,
-        workers=args.workers,
-        train_storage=args.train_storage,
-        s3_endpoint=args.s3_endpoint,
-    )
-    try:
-        run(cfg)
-    except (TrainError, embeddings.DatasetError, storage.StorageError, ValueError) as exc:
-        print(f"[train_head] error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return cli.exit_code("train_head", lambda: run(cli.config(Config, args)), (TrainError,))
 
 
 if __name__ == "__main__":

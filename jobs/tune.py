@@ -26,18 +26,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 import time
 from dataclasses import dataclass
 
-if __package__ in (None, ""):  # run as a script: make the sibling jobs importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np
 import pyarrow as pa
 
-from jobs import embed, make_queries, train_head
+from jobs import cli, embed, make_queries, train_head
 from visual_search import embedders, embeddings, heads, storage, tuning
 
 
@@ -232,7 +228,7 @@ def run(cfg: Config) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--embeddings", required=True, help="backbone embeddings dataset URI")
     p.add_argument("--index-root", required=True, help="the head goes to {index-root}/models/")
     p.add_argument("--out", required=True, help="tuned embeddings dataset URI")
@@ -241,22 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-products", type=int, default=Config.eval_products)
     p.add_argument("--epochs", type=int, default=Config.epochs)
     p.add_argument("--seed", type=int, default=Config.seed)
-    p.add_argument("--s3-endpoint", help=f"S3-compatible endpoint (or ${storage.ENDPOINT_ENV})")
+    cli.add_s3_endpoint(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    cfg = Config(
-        a.embeddings, a.index_root, a.out, a.work, a.labels, a.seed, a.eval_products,
-        epochs=a.epochs, s3_endpoint=a.s3_endpoint,
-    )  # fmt: skip
-    try:
-        run(cfg)
-    except (TuneError, embeddings.DatasetError, storage.StorageError, ValueError) as exc:
-        print(f"[tune] error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    args = build_parser().parse_args(argv)
+    return cli.exit_code("tune", lambda: run(cli.config(Config, args)), (TuneError,))
 
 
 if __name__ == "__main__":

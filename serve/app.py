@@ -10,7 +10,8 @@ from pydantic import BaseModel, Field, model_validator
 from ray.serve import Application
 
 from visual_search import storage, versions
-from visual_search.serving import Ingress, QueryEmbedder, ShardSearcher
+from visual_search.searchers import QueryEmbedder, ShardSearcher
+from visual_search.serving import Ingress
 
 
 class AppArgs(BaseModel):

@@ -1,4 +1,5 @@
-"""Ray Serve deployments (Contract 4): FastAPI ingress, batching query embedder, shard searchers.
+"""The FastAPI ingress deployment (Contract 4); its back ends are in searchers.py and its HTTP
+layer (errors, metrics, timing, uploads) in httpapi.py.
 
 The ingress decodes uploads (CPU, off the event loop), embeds them in batches of concurrent
 queries (itself on CPU, or through the QueryEmbedder deployment), fans out to one searcher
@@ -10,145 +11,32 @@ photos. Every query pins one index version end to end, so a reload never mixes t
 # No `from __future__ import annotations`: FastAPI must see the endpoint types at run time.
 import asyncio
 import contextlib
-import functools
 import hmac
-import json
 import logging
 import os
 import time
-from collections import OrderedDict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from fastapi import FastAPI, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi import Query, Request, Response
+from fastapi.responses import HTMLResponse
 from ray import serve
-from ray.serve.metrics import Counter, Histogram
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from visual_search import embedders, images, query, storage, verify, versions
+from visual_search import embedders, httpapi, images, query, storage, verify, versions
+from visual_search.httpapi import ApiError, Stages
 from visual_search.manifest import code_version
+from visual_search.searchers import BatchedEmbedder
 
 log = logging.getLogger("visual_search.serving")
 STATIC = Path(__file__).parent / "static"
-IMAGE_STATUS = {
-    "too_large": 413,
-    "not_an_image": 415,
-    "unsupported": 415,
-    "too_small": 422,
-    "truncated": 422,
-    "decode_error": 422,
-}
-
 
 # Local features of re-ranked catalog photos, per ingress replica (500 keypoints: about 130 kB).
 FEATURE_CACHE_BYTES = 256 << 20
 
 TopK = Annotated[int, Query(ge=1, le=100)]
 Category = Annotated[str | None, Query(min_length=1, max_length=200)]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0.5})
-class ShardSearcher:
-    """One shard; keeps the two most recent versions it was asked for, loading them lazily."""
-
-    def __init__(self, index_root: str, shard: int, s3_endpoint: str | None, mmap: bool):
-        if s3_endpoint:
-            storage.configure(s3_endpoint)
-        self.index_root, self.shard, self.mmap = index_root, shard, mmap
-        self.loaded: OrderedDict[str, query.ShardIndex] = OrderedDict()
-        self.lock = asyncio.Lock()
-        # Load and verify CURRENT's shard before the replica counts as started, so the first
-        # query does not pay for it. Another version loads on demand.
-        current = versions.open_version(index_root)
-        self.loaded[current.manifest.version] = query.ShardIndex(current, shard, mmap)
-
-    async def _get(self, version: str) -> query.ShardIndex:
-        if version in self.loaded:
-            return self.loaded[version]
-        async with self.lock:
-            if version not in self.loaded:
-                v = versions.open_version(self.index_root, version)
-                self.loaded[version] = await asyncio.to_thread(
-                    query.ShardIndex, v, self.shard, self.mmap
-                )
-                while len(self.loaded) > 2:
-                    self.loaded.popitem(last=False)
-        return self.loaded[version]
-
-    async def prepare(self, version: str) -> int:
-        return (await self._get(version)).index.ntotal
-
-    async def search(self, version: str, vectors: np.ndarray, k: int, category: str | None):
-        shard = await self._get(version)
-        return await asyncio.to_thread(shard.search, vectors, k, category)
-
-    async def reconstruct(self, version: str, gid: int) -> np.ndarray:
-        shard = await self._get(version)
-        return await asyncio.to_thread(shard.reconstruct, gid)
-
-
-class BatchedEmbedder:
-    """The index's own model; batches concurrent queries into one forward pass. Runs as the
-    QueryEmbedder deployment, or inside the ingress (AppArgs.embed_in_ingress)."""
-
-    def __init__(self, model: dict, weights: str | None, device: str | None, threads: int):
-        import torch
-
-        # 0 keeps Ray's choice (torch threads = the replica's CPU request). More threads cut a
-        # lone query's latency on a big node, but on a small one they fight the other replicas.
-        if threads:
-            torch.set_num_threads(threads)
-        self.embedder = embedders.from_model_dict(model, weights, device)
-        size = self.embedder.preprocess.size  # one pass at start: the first query is not slower
-        self.embedder.embed(np.full((1, size, size, 3), 255, np.uint8))
-
-    # No wait for stragglers: queries that arrive during a forward pass form the next batch, so
-    # a lone query never waits and a busy replica still batches.
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def embed(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
-        # The forward pass runs on the event loop's thread, blocking it: bench/embed_threads.py
-        # (a Ray actor on 2 cores, one query) measured 12.7 ms there against 17.7 ms through
-        # asyncio.to_thread with 1 torch thread, and 7.8 against 15.1 ms with 2. The CPU is busy
-        # with the batch either way; other requests resume when it is done.
-        return list(self.embedder.embed(np.stack(pixels)))
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 1})
-class QueryEmbedder(BatchedEmbedder):
-    """A deployment of its own: GPU embedders scale apart from the HTTP tier."""
-
-
-class _Stages:
-    """Per-request stage durations, sent as a W3C Server-Timing header (browser devtools and
-    bench/serve.py read it)."""
-
-    def __init__(self):
-        self.ms: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - started) * 1000
-
-    def header(self) -> str:
-        return ", ".join(f"{name};dur={ms:.2f}" for name, ms in self.ms.items())
 
 
 class _State:
@@ -161,86 +49,7 @@ class _State:
         self.local = local  # the version's own model, when the ingress embeds (BatchedEmbedder)
 
 
-app = FastAPI(title="visual_search", docs_url="/docs")
-
-
-@functools.cache
-def _metrics() -> tuple[Counter, Histogram, Counter]:
-    """Built on first use, inside the replica, so Serve adds its deployment/replica tags."""
-    return (
-        Counter(
-            "visual_search_requests",
-            "HTTP requests answered by the ingress",
-            tag_keys=("route", "method", "status"),
-        ),
-        Histogram(
-            "visual_search_request_latency_ms",
-            "time in the ingress replica per request, until the last byte is sent (ms)",
-            boundaries=[5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000],
-            tag_keys=("route",),
-        ),
-        Counter(
-            "visual_search_errors",
-            "error answers by their JSON error code",
-            tag_keys=("route", "status", "code"),
-        ),
-    )
-
-
-class _Observe:
-    """ASGI wrapper that counts and times every request, and reads the code of error answers."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started, status, body = time.perf_counter(), 500, bytearray()
-
-        async def observed_send(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body" and status >= 400 and len(body) < 4096:
-                body.extend(message.get("body", b""))
-            await send(message)
-
-        try:
-            await self.app(scope, receive, observed_send)
-        finally:
-            # The route template, never the raw path: one series per endpoint, not per product.
-            route = getattr(scope.get("route"), "path", "unmatched")
-            requests, latency, errors = _metrics()
-            tags = {"route": route, "status": str(status)}
-            requests.inc(tags={**tags, "method": scope["method"]})
-            latency.observe((time.perf_counter() - started) * 1000, tags={"route": route})
-            if status >= 400:
-                try:
-                    code = json.loads(bytes(body))["error"]["code"]
-                except (ValueError, KeyError, TypeError):
-                    code = "internal_error" if status >= 500 else f"http_{status}"
-                errors.inc(tags={**tags, "code": str(code)})
-
-
-app.add_middleware(_Observe)
-
-
-@app.exception_handler(ApiError)
-async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.code, exc.message)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail))
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    parts = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
-    return error_response(400, "bad_request", "; ".join(parts))
+app = httpapi.make_app("visual_search")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
@@ -313,42 +122,17 @@ class Ingress:
         finally:
             self.inflight -= 1
 
-    async def _read_upload(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_upload_bytes + 65536:
-            raise ApiError(413, "too_large", f"upload over {self.max_upload_bytes} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_upload_bytes + 65536:
-                raise ApiError(413, "too_large", f"upload over {self.max_upload_bytes} bytes")
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            request._body = body  # let starlette parse the multipart body we already read
-            try:
-                form = await request.form()
-            except Exception as exc:
-                raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from exc
-            field = form.get("image")
-            if field is None or isinstance(field, str):
-                raise ApiError(400, "bad_request", "multipart body needs a file field 'image'")
-            body = await field.read()
-        if not body:
-            raise ApiError(400, "bad_request", "empty body: send an image")
-        if len(body) > self.max_upload_bytes:
-            raise ApiError(413, "too_large", f"image over {self.max_upload_bytes} bytes")
-        return body
-
     async def _embed(
-        self, state: _State, data: bytes, stage: _Stages
+        self, state: _State, data: bytes, stage: Stages
     ) -> tuple[np.ndarray, np.ndarray]:
         """(query vector (1, d), the preprocessed pixels it was embedded from)."""
         with stage("decode"):
             try:
                 pixels = await asyncio.to_thread(images.load, data, self.preprocess, self.limits)
             except images.ImageError as exc:
-                raise ApiError(IMAGE_STATUS.get(exc.code, 422), exc.code, exc.detail) from exc
+                raise ApiError(
+                    httpapi.IMAGE_STATUS.get(exc.code, 422), exc.code, exc.detail
+                ) from exc
         with stage("embed"):
             if state.local is not None:
                 vector = await state.local.embed(pixels)
@@ -397,7 +181,7 @@ class Ingress:
         """Admit, pin the current version, get the query (vector, the photo's pixels or None,
         the category to prefer or None), search; for a photo, re-rank the top products and
         predict its category."""
-        started, stage = time.perf_counter(), _Stages()
+        started, stage = time.perf_counter(), Stages()
         async with self._slot():
             state = self.state
             metric = state.version.manifest.metric
@@ -436,9 +220,9 @@ class Ingress:
         k: TopK = 10,
         category: Category = None,
     ) -> dict:
-        async def upload_query(state: _State, stage: _Stages):
+        async def upload_query(state: _State, stage: Stages):
             with stage("read"):
-                data = await self._read_upload(request)
+                data = await httpapi.read_upload(request, self.max_upload_bytes)
             return *await self._embed(state, data, stage), None
 
         return await self._query(response, upload_query, k, category)
@@ -455,7 +239,7 @@ class Ingress:
         """Nearest products; by default those of the item's own category (when the catalog has
         categories) come first, then the nearest others."""
 
-        async def stored_vector(state: _State, stage: _Stages):
+        async def stored_vector(state: _State, stage: Stages):
             gid = self._first_id(state, product_id)
             shard = self._shard_of(state, gid)
             with stage("vector"):
