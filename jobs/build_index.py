@@ -20,8 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
-from visual_search import cluster, devices, embeddings, index, storage, versions
+from jobs import cli
+from visual_search import cluster, devices, embeddings, filters, fulltext, index, storage, versions
 from visual_search.manifest import IndexManifest
 from visual_search.search import merge_topk
 from visual_search.shards import fill_shard, train_template, verify_shard
@@ -52,6 +54,7 @@ class Config:
     max_train: int = 200_000
     keep: int = 3
     seed: int = 0
+    text: bool = True  # BM25 text indexes of the docs (GET /search?q=)
     gpus: int | None = None  # >0: train the template on a GPU (default: if the cluster has one)
     s3_endpoint: str | None = None
 
@@ -160,6 +163,7 @@ def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> Ind
             f"recall@{K} of the files as written is {recall_written:.4f} < {cfg.target_recall}"
         )
     _say(f"verified {cfg.shards} shard file(s): checksums, counts, recall@{K} {recall_written:.4f}")
+    filterable, text, t_text = _docs_indexes(cfg, root, records, env)
 
     manifest = IndexManifest(
         version=version,
@@ -186,16 +190,41 @@ def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> Ind
         timings={
             "train_s": round(t_train, 2),
             "fill_s": round(t_fill, 2),
+            "text_s": round(t_text, 2),
             "total_s": round(time.time() - started, 2),
             "train_vectors": len(train_ids),
             "bytes": sum(r.bytes for r in records),
         },
+        filterable=filterable,
+        text=text,
     )
     manifest.write(root)  # last in the version folder: the version is complete
     if gate is not None:
-        gate(manifest)
+        try:
+            gate(manifest)
+        except GateError:
+            versions.withdraw(cfg.index_root, manifest.version)  # not complete, nor kept
+            raise
     publish(cfg, root, manifest)
     return manifest
+
+
+def _docs_indexes(cfg: Config, root: str, records, env) -> tuple[dict, dict | None, float]:
+    """(filterable columns, the BM25 text indexes' record or None, seconds): one text index per
+    shard over the docs' title and string metadata, written before the manifest."""
+    import ray
+
+    started = time.time()
+    docs = pa.concat_tables(storage.read_parquet(storage.join(root, r.docs)) for r in records)
+    filterable = filters.filterable_columns(docs)
+    columns = fulltext.text_columns(docs)
+    if not cfg.text or not columns:
+        return filterable, None, 0.0
+    build = ray.remote(fulltext.build_shard_from_docs).options(runtime_env=env)
+    shards = ray.get([build.remote(root, i, r.docs, columns) for i, r in enumerate(records)])
+    took = time.time() - started
+    _say(f"text indexes (BM25 over {', '.join(columns)}) for {len(shards)} shard(s) in {took:.1f}s")
+    return filterable, {"columns": columns, "shards": shards}, took
 
 
 def publish(cfg: Config, root: str, manifest: IndexManifest) -> None:
@@ -211,9 +240,8 @@ def publish(cfg: Config, root: str, manifest: IndexManifest) -> None:
         log.warning("pruning old versions failed (the new version is live): %s", exc)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--embeddings", required=True, help="embeddings dataset URI (Contract 2)")
+def add_build_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of the build itself (jobs/reindex.py shares them; it makes the embeddings)."""
     p.add_argument("--index-root", required=True, help="index root URI (versions/, CURRENT)")
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--factory", default="auto", help="FAISS factory string, or auto")
@@ -223,35 +251,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=Config.queries, help="held-out queries")
     p.add_argument("--keep", type=int, default=Config.keep, help="complete versions kept")
     p.add_argument("--gpus", type=int, help=devices.GPUS_HELP)
-    p.add_argument("--s3-endpoint", help=f"S3-compatible endpoint (or ${storage.ENDPOINT_ENV})")
+    p.add_argument("--no-text", dest="text", action="store_false", help="no BM25 text indexes")
+    cli.add_s3_endpoint(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
+    p.add_argument("--embeddings", required=True, help="embeddings dataset URI (Contract 2)")
+    add_build_arguments(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace, embeddings_uri: str | None = None) -> Config:
-    return Config(
-        embeddings=embeddings_uri or args.embeddings,
-        index_root=args.index_root,
-        shards=args.shards,
-        factory=args.factory,
-        memory_budget=args.memory_budget,
-        target_recall=args.target_recall,
-        metric=args.metric,
-        queries=args.queries,
-        keep=args.keep,
-        gpus=args.gpus,
-        s3_endpoint=args.s3_endpoint,
-    )
+    """Config from the build flags; embeddings_uri stands in for --embeddings (reindex)."""
+    embeddings = embeddings_uri or args.embeddings
+    return cli.config(Config, args, embeddings=embeddings)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        run(config_from_args(args))
-    except (BuildError, embeddings.DatasetError, storage.StorageError, ValueError) as exc:
-        print(f"[build_index] error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return cli.exit_code("build_index", lambda: run(config_from_args(args)), (BuildError,))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,6 @@ import asyncio
 import bisect
 import dataclasses
 import io
-import os
 import sys
 import time
 from collections import Counter
@@ -60,9 +59,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-if __package__ in (None, ""):  # run as a script: make the sibling jobs importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from jobs import cli
 from visual_search import (
     catalog,
     embedders,
@@ -353,8 +350,8 @@ def _search_all(
             for j in range(len(q.vectors)):
                 vector = q.vectors[j : j + 1]
 
-                async def fan_out(width: int, category: str | None, vector=vector):
-                    return [s.search(vector, width, category) for s in shards]
+                async def fan_out(width: int, flt, vector=vector):
+                    return [s.search(vector, width, flt) for s in shards]
 
                 t0 = time.perf_counter()
                 width, exclude, prefer = max(k, rerank), q.exclude[j], q.prefer[j]
@@ -743,7 +740,7 @@ def _ks(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--index-root", required=True, help="index root URI (versions/, CURRENT)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--queries", help="queries table URI (image_uri, product_id and/or category)")
@@ -769,32 +766,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="folder URI for report.json, summary.md, recall.png")
     p.add_argument("--weights", help="model weights URI (models that need them)")
-    p.add_argument("--s3-endpoint", help=f"S3-compatible endpoint (or ${storage.ENDPOINT_ENV})")
+    cli.add_s3_endpoint(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = Config(
-        index_root=args.index_root,
-        queries=args.queries,
-        leave_one_out=args.leave_one_out,
-        version=args.version,
-        ks=args.k,
-        limit=args.limit,
-        seed=args.seed,
-        rerank=args.rerank,
-        same_category=not args.any_category,
-        out=args.out,
-        weights=args.weights,
-        s3_endpoint=args.s3_endpoint,
-    )
-    try:
-        run(cfg)
-    except (EvalError, catalog.CatalogError, embeddings.DatasetError, OSError, ValueError) as exc:
-        print(f"[evaluate] error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    cfg = cli.config(Config, args, ks=args.k, same_category=not args.any_category)
+    return cli.exit_code("evaluate", lambda: run(cfg), (EvalError,))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ record (what was trained, on what, how long, both measurements) is in the index 
 Quality gate: with --eval-queries, the new version is evaluated (jobs/evaluate.py) after it is
 built and verified and before CURRENT moves; CURRENT stays on the live version (exit 2) when
 recall@10 is below --min-recall or more than --max-drop below the live version's on the same
-queries. The report stays in {version}/evaluation/ either way.
+queries. The report stays in {index-root}/evaluations/{version}/ either way; a refused version
+is withdrawn (its folder removed), so it never counts as complete nor toward --keep.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from jobs import build_index, embed, evaluate, tune
-from visual_search import catalog, embedders, embeddings, storage, versions
+from jobs import build_index, cli, embed, evaluate, tune
+from visual_search import catalog, embedders, storage, versions
 from visual_search.manifest import IndexManifest
 
 
@@ -73,7 +74,8 @@ def quality_gate(gate: Gate, index_root: str, weights: str | None = None):
         return evaluate.run(cfg)
 
     def check(manifest: IndexManifest) -> None:
-        out = storage.join(versions.version_root(index_root, manifest.version), "evaluation")
+        # Outside the version: its folder is immutable once its manifest is written.
+        out = storage.join(index_root, "evaluations", manifest.version)
         level, recall = gate_recall(evaluate_version(manifest.version, out), gate.k)
         live = versions.current(index_root)
         live_recall = gate_recall(evaluate_version(live, None), gate.k)[1] if live else None
@@ -153,46 +155,37 @@ def tune_config(args: argparse.Namespace, work: str) -> tune.Config:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = build_index.build_parser()
-    p.description = __doc__
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
     embed.add_model_arguments(p)
+    build_index.add_build_arguments(p)
     p.add_argument("--work", help="embeddings dataset URI (default: under --index-root)")
     p.add_argument("--eval-queries", help="queries table: evaluate before publishing (the gate)")
     p.add_argument("--min-recall", type=float, default=0.0, help="gate: lowest recall@10")
     p.add_argument("--max-drop", type=float, default=Gate.max_drop, help="gate: largest drop")
     p.add_argument("--no-tune", action="store_true", help="build from the backbone's vectors")
     p.add_argument("--tune-labels", default=tune.Config.labels, help="label column for tuning")
-    for action in p._actions:
-        if action.dest == "embeddings":
-            action.required = False
-            action.help = argparse.SUPPRESS
-    args = p.parse_args(argv)
-    try:
-        if args.s3_endpoint:
-            storage.configure(args.s3_endpoint)
-        model = embedders.describe(args.model, args.weights, False, args.preprocess, args.head)
-        work = args.work or default_work(args.index_root, args.catalog, model)
-        cfg = Config(
-            embed=embed.config_from_args(args, out=work),
-            build=build_index.config_from_args(args, embeddings_uri=work),
-            gate=args.eval_queries
-            and Gate(args.eval_queries, min_recall=args.min_recall, max_drop=args.max_drop),
-            tune=None if args.no_tune or args.head else tune_config(args, work),
-        )
-        run(cfg)
-    except (
-        catalog.CatalogError,
-        embed.JobError,
-        build_index.BuildError,
-        tune.TuneError,
-        embeddings.DatasetError,
-        storage.StorageError,
-        ValueError,
-    ) as exc:
-        print(f"[reindex] error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    if args.s3_endpoint:
+        storage.configure(args.s3_endpoint)
+    model = embedders.describe(args.model, args.weights, False, args.preprocess, args.head)
+    work = args.work or default_work(args.index_root, args.catalog, model)
+    return Config(
+        embed=embed.config_from_args(args, out=work),
+        build=build_index.config_from_args(args, embeddings_uri=work),
+        gate=args.eval_queries
+        and Gate(args.eval_queries, min_recall=args.min_recall, max_drop=args.max_drop),
+        tune=None if args.no_tune or args.head else tune_config(args, work),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    errors = (embed.JobError, build_index.BuildError, tune.TuneError)
+    return cli.exit_code("reindex", lambda: run(config_from_args(args)), errors)
 
 
 if __name__ == "__main__":

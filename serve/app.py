@@ -6,12 +6,20 @@ serve run serve/config.yaml      |      serve deploy serve/config.yaml
 
 # No `from __future__ import annotations`: Serve reads build_app's type hint at run time to
 # turn the CLI/YAML args into AppArgs.
+import dataclasses
+import logging
+
 from pydantic import BaseModel, Field, model_validator
 from ray.serve import Application
 
 from visual_search import storage, versions
 from visual_search.searchers import QueryEmbedder, ShardSearcher
-from visual_search.serving import Ingress
+from visual_search.serving import Ingress, Settings
+
+log = logging.getLogger("visual_search.app")
+# Logical CPUs the shard searchers reserve in all by default: with the ingress and the model
+# that is 1.75, so any shard count starts on a 2-CPU node (FAISS uses what is free anyway).
+SHARD_CPUS = 0.5
 
 
 class AppArgs(BaseModel):
@@ -33,6 +41,10 @@ class AppArgs(BaseModel):
         description="allow /admin/* without a key when none is configured (trusted networks "
         "only); by default they answer 403 until a key is set",
     )
+    upload_timeout_s: float = Field(30.0, gt=0, description="slower uploads get a 408")
+    shard_timeout_s: float = Field(
+        5.0, gt=0, description="a shard slower than this is left out of the answer (partial)"
+    )
     mmap: bool = True
     rerank: int = Field(
         10,
@@ -43,7 +55,9 @@ class AppArgs(BaseModel):
     # Logical CPUs reserved per replica (Ray scheduling only; FAISS and torch use what is free).
     ingress_cpus: float = Field(0.25, ge=0)
     embedder_cpus: float = Field(1.0, ge=0)
-    shard_cpus: float = Field(0.25, ge=0)
+    shard_cpus: float | None = Field(
+        None, ge=0, description=f"per shard replica (default: {SHARD_CPUS} over all shards)"
+    )
     embedder_gpus: float = Field(0, ge=0, description="GPUs per replica that embeds queries")
     embedder_threads: int = Field(0, ge=0, description="torch threads (0: Ray's default)")
     embed_in_ingress: bool | None = Field(
@@ -71,6 +85,26 @@ class AppArgs(BaseModel):
         return self.embedder_gpus == 0 and self.embedder_replicas == 1
 
 
+def settings(args: AppArgs) -> Settings:
+    """The ingress's Settings: AppArgs fields of the same names."""
+    return Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+
+
+def _check_fits(cpus: float) -> None:
+    """Say so when the app asks more logical CPUs than the cluster has: Serve would wait for
+    them without a word (an autoscaling cluster may still add nodes)."""
+    import ray
+
+    have = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else None
+    if have is not None and cpus > have:
+        log.warning(
+            "the app reserves %.2f logical CPUs but the cluster has %.2f: replicas will wait "
+            "for nodes; lower shard_cpus / embedder_cpus / ingress_cpus or add nodes",
+            cpus,
+            have,
+        )
+
+
 def build_app(args: AppArgs) -> Application:
     """Ingress (with the model inside, or -> QueryEmbedder) + one ShardSearcher deployment per
     shard of the CURRENT version."""
@@ -78,14 +112,16 @@ def build_app(args: AppArgs) -> Application:
         storage.configure(args.s3_endpoint)
     index_root = storage.normalize(args.index_root)
     manifest = versions.open_version(index_root).manifest
+    n = len(manifest.shards)
+    shard_cpus = args.shard_cpus if args.shard_cpus is not None else min(0.25, SHARD_CPUS / n)
     shards = [
         ShardSearcher.options(
             name=f"ShardSearcher-{i}",
             num_replicas=args.shard_replicas,
             max_ongoing_requests=2 * args.max_inflight,
-            ray_actor_options={"num_cpus": args.shard_cpus},
+            ray_actor_options={"num_cpus": shard_cpus},
         ).bind(index_root, i, args.s3_endpoint, args.mmap)
-        for i in range(len(manifest.shards))
+        for i in range(n)
     ]
     embedding = {"weights": args.weights, "device": args.device, "threads": args.embedder_threads}
     model = {"num_cpus": args.embedder_cpus, "num_gpus": args.embedder_gpus}
@@ -100,20 +136,12 @@ def build_app(args: AppArgs) -> Application:
             ray_actor_options=model,
         ).bind(manifest.model, **embedding)
         local, ingress = None, {"num_cpus": args.ingress_cpus}
+    models = 0 if embedder is None else args.embedder_replicas * args.embedder_cpus
+    _check_fits(ingress["num_cpus"] + n * args.shard_replicas * shard_cpus + models)
+    config = settings(args)
     return Ingress.options(
-        max_ongoing_requests=args.max_inflight + 16,
+        # Uploads being read and searches in flight, plus health checks.
+        max_ongoing_requests=config.max_reading + config.max_inflight + 16,
         max_queued_requests=4 * args.max_inflight,
         ray_actor_options=ingress,
-    ).bind(
-        embedder,
-        shards,
-        index_root,
-        args.s3_endpoint,
-        args.max_upload_bytes,
-        args.max_inflight,
-        args.api_key_env,
-        local,
-        args.rerank,
-        args.admin_open,
-        args.upload_tiff,
-    )
+    ).bind(embedder, shards, index_root, args.s3_endpoint, config, local)

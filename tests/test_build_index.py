@@ -31,6 +31,15 @@ from visual_search.search import merge_topk
 
 N, D, SHARDS = 600, 32, 3
 FACTORIES = ("Flat", "IVF16,Flat")
+TEXT_FILES = (
+    "data.csc.index.npy",
+    "ids.npy",
+    "indices.csc.index.npy",
+    "indptr.csc.index.npy",
+    "meta.json",
+    "params.index.json",
+    "vocab.index.json",
+)
 
 
 # Ray workers cannot import this module (tests/ is not on their sys.path): ship the
@@ -191,6 +200,7 @@ def test_build_publishes_a_complete_version(builds, dataset, factory):
     )
     expected = [f"docs/shard-{i:05d}.parquet" for i in range(SHARDS)]
     expected += ["manifest.json"] + [f"shard-{i:05d}.faiss" for i in range(SHARDS)]
+    expected += [f"text/shard-{i:05d}/{f}" for i in range(SHARDS) for f in TEXT_FILES]
     assert files == sorted(expected)  # and no temp files left behind
 
     on_disk = IndexManifest.read(folder)
@@ -559,6 +569,76 @@ def test_unreachable_recall_target_publishes_nothing(ray_local, dataset, tmp_pat
     assert "0.99" in str(err.value)
     assert read_current(index_root) is None
     assert_nothing_new_published(index_root, None)
+
+
+# ------------------------------------------------------------------ text indexes, filterable
+
+
+def test_text_indexes_and_filterable_are_in_the_manifest(builds):
+    """One BM25 index per shard, listed with checksums that match the files, found by title."""
+    index_root, manifest = builds["Flat"]
+    assert manifest.filterable == {"category": "string"}
+    assert manifest.text["columns"] == ["title", "category"]
+    v = versions.open_version(index_root)
+    assert v.filterable == {"category": "string"} and v.has_text
+    for i, (shard, rec) in enumerate(zip(manifest.shards, manifest.text["shards"], strict=True)):
+        assert rec["folder"] == f"text/shard-{i:05d}" and rec["count"] == shard.count
+        assert sorted(rec["files"]) == sorted(TEXT_FILES)
+        for name, f in rec["files"].items():
+            path = pathlib.Path(v.root, rec["folder"], name)
+            assert (sha256(path), path.stat().st_size) == (f["sha256"], f["size"])
+        text = v.load_text(i)
+        docs = v.read_docs(i)
+        assert text.ids.tolist() == docs.column("id").to_pylist()
+        titles = dict(zip(docs["id"].to_pylist(), docs["title"].to_pylist(), strict=True))
+        for gid in shard.id_range[0], shard.id_range[1] - 1:
+            _, ids = text.search(titles[gid], 5)
+            assert ids[0] == gid  # the only doc with that number in its title
+    assert manifest.timings["text_s"] > 0
+
+
+def test_corrupt_text_index_is_refused(builds, tmp_path):
+    src, manifest = builds["Flat"]
+    root = tmp_path / "copy"
+    shutil.copytree(src, root)
+    v = versions.open_version(str(root))
+    path = pathlib.Path(v.root, "text/shard-00001/ids.npy")
+    ids = np.load(path)
+    ids[0] += 1
+    np.save(path, ids)
+    assert v.load_text(0) is not None
+    with pytest.raises(ValueError, match="sha256"):
+        v.load_text(1)
+
+
+def test_no_text_skips_text_indexes(ray_local, small_dataset, tmp_path):
+    manifest = build_index.run(cfg_for(small_dataset, tmp_path, shards=2, text=False))
+    v = versions.open_version(str(tmp_path))
+    assert manifest.text is None and v.load_text(0) is None and not v.has_text
+    assert manifest.filterable == {"category": "string"}
+    assert not os.path.exists(os.path.join(v.root, "text"))
+
+
+def test_no_string_columns_means_no_text_index(ray_local, tmp_path):
+    root = tmp_path / "emb"
+    n = 60
+    metadata = {"price": [float(k % 7) for k in range(n)]}
+    write_embeddings_dataset(root, clustered_vectors(n, 8, seed=2), metadata=metadata)
+    manifest = build_index.run(cfg_for(root, tmp_path / "idx", shards=2))
+    assert manifest.text is None
+    assert manifest.filterable == {"price": "number"}
+
+
+def test_manifest_without_text_fields_still_loads(root_with_a):
+    """Versions written before filters and text search keep opening."""
+    root, version = root_with_a
+    path = pathlib.Path(root, "versions", version, "manifest.json")
+    m = json.loads(path.read_text())
+    del m["filterable"], m["text"]
+    path.write_text(json.dumps(m))
+    v = versions.open_version(root)
+    assert v.manifest.text is None and v.filterable == {} and v.load_text(0) is None
+    assert v.load_shard(0).ntotal == v.manifest.shards[0].count
 
 
 # ---------------------------------------------------------------------------- command line

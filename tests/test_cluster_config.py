@@ -166,3 +166,15 @@ def test_every_key_has_a_comment(config):
     for key in _keys(config):
         pattern = re.compile(rf"(^|[\s{{,\"'-]){re.escape(key)}\"?\s*:")
         assert any(pattern.search(code) for code in commented), key
+
+
+def test_ray_runs_with_token_auth_and_a_loopback_dashboard(config):
+    """A fresh head would start with auth off; every node asks for the shared token, which the
+    launcher copies from the user's machine, and the job API is reachable only through SSH."""
+    assert config["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in config[key] if "ray start" in c]
+        assert "export RAY_AUTH_MODE=token;" in start, key
+        assert "test -s ~/.ray/auth_token && ray start" in start, key
+    (head,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head

@@ -1,5 +1,6 @@
 """The quality gate of jobs/reindex.py: a new version is evaluated before CURRENT moves, and a
-worse one is refused (non-zero exit, CURRENT kept, the report kept)."""
+worse one is refused (non-zero exit, CURRENT kept, the report kept outside the version, the
+refused version withdrawn)."""
 
 from __future__ import annotations
 
@@ -35,18 +36,18 @@ def shop(ray_local, tmp_path_factory):
 
 
 def gate_report(index_root: str, version: str) -> dict:
-    with open(os.path.join(index_root, "versions", version, "evaluation", "gate.json")) as f:
+    with open(os.path.join(index_root, "evaluations", version, "gate.json")) as f:
         return json.load(f)
+
+
+def evaluated(index_root: str) -> list[str]:
+    return sorted(os.listdir(os.path.join(index_root, "evaluations")))
 
 
 def run_reindex(catalog, index_root, queries, *extra) -> int:
     return reindex.main(
         ["--catalog", catalog, "--index-root", index_root, "--eval-queries", queries, *extra]
     )
-
-
-def newest_version(index_root: str) -> str:
-    return max(versions.list_versions(index_root))
 
 
 def test_gate_publishes_a_good_version_and_refuses_a_worse_one(shop, tmp_path, capsys):
@@ -57,7 +58,9 @@ def test_gate_publishes_a_good_version_and_refuses_a_worse_one(shop, tmp_path, c
     first = gate_report(index_root, live)
     assert first["passed"] and first["live"] is None and first["level"] == "instance"
     assert first["recall_at_10"] >= 0.5
-    assert os.path.exists(os.path.join(index_root, "versions", live, "evaluation", "report.json"))
+    assert os.path.exists(os.path.join(index_root, "evaluations", live, "report.json"))
+    # Nothing is written into a version after its manifest.
+    assert not os.path.exists(os.path.join(index_root, "versions", live, "evaluation"))
 
     # A worse model: the backbone squeezed through a random 2-d projection.
     torch.manual_seed(0)
@@ -69,8 +72,8 @@ def test_gate_publishes_a_good_version_and_refuses_a_worse_one(shop, tmp_path, c
     err = capsys.readouterr().err
     assert "quality gate refused" in err and f"CURRENT stays on {live}" in err
     assert versions.current(index_root) == live  # CURRENT did not move
-    refused = newest_version(index_root)
-    assert refused != live
+    (refused,) = set(evaluated(index_root)) - {live}
+    assert versions.list_versions(index_root) == {live: True}  # the refused one is withdrawn
     report = gate_report(index_root, refused)
     assert not report["passed"] and report["live"] == live
     assert report["recall_at_10"] < report["live_recall_at_10"] - report["gate"]["max_drop"]
@@ -83,5 +86,6 @@ def test_gate_refuses_below_min_recall_with_no_live_version(shop, tmp_path, caps
     assert run_reindex(catalog, index_root, queries, "--min-recall", "1.01") == 2
     assert "< --min-recall 1.01" in capsys.readouterr().err
     assert versions.current(index_root) is None  # nothing published
-    report = gate_report(index_root, newest_version(index_root))
+    assert versions.list_versions(index_root) == {}
+    report = gate_report(index_root, evaluated(index_root)[-1])
     assert not report["passed"] and report["live"] is None

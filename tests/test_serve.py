@@ -21,11 +21,11 @@ import os
 import pathlib
 import random
 import re
-import select
 import socket
 import threading
 import time
 from datetime import UTC, datetime
+from unittest.mock import ANY
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,6 +51,7 @@ MAX_UPLOAD = 300_000
 MAX_INFLIGHT = 4
 SHARDS = 2
 TIMEOUT = 60  # seconds per HTTP request
+UPLOAD_TIMEOUT = 4  # AppArgs.upload_timeout_s here: a slower upload gets a 408
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -74,6 +75,7 @@ def _make_catalog(root) -> dict[str, bytes]:
                 "image_uri": name,
                 "title": f"Product {i}",
                 "category": "rare" if pid in RARE else "common",
+                "price": 1.5 * i,
             }
         )
     # A second photo of one product.
@@ -85,6 +87,7 @@ def _make_catalog(root) -> dict[str, bytes]:
             "image_uri": "p000-back.jpg",
             "title": "Product 0",
             "category": "common",
+            "price": 0.0,
         }
     )
     pq.write_table(pa.Table.from_pylist(rows), root / "catalog.parquet")
@@ -152,6 +155,7 @@ def svc(tmp_path_factory):
                     embedder_cpus=0.5,
                     shard_cpus=0.1,
                     ingress_cpus=0.1,
+                    upload_timeout_s=UPLOAD_TIMEOUT,
                 )
             ),
             name="vs",
@@ -197,7 +201,7 @@ def assert_answer(r: requests.Response) -> dict:
     # Searches by photo predict a category; /similar names the category it lists first.
     by_photo = r.request.path_url.split("?")[0].endswith("/search")
     assert ("predicted_category" in body) == by_photo != ("preferred_category" in body)
-    assert body["partial"] is False
+    assert body["partial"] is False and body["coverage"] == {"shards": SHARDS, "of": SHARDS}
     assert isinstance(body["index_version"], str) and body["index_version"]
     assert isinstance(body["took_ms"], int | float) and body["took_ms"] >= 0
     for row in body["results"]:
@@ -470,6 +474,72 @@ def test_category_filter(svc):
     assert body["results"] == []
 
 
+def test_attribute_filters(svc):
+    """filter= on the declared filterable columns (category, price; not the free-text title),
+    inside the index: k results whenever k items match."""
+    query = svc.files["p002.jpg"]
+    by_shorthand = assert_answer(svc.search(query, k=3, category="rare"))
+    assert assert_answer(svc.search(query, k=3, filter="category:rare")) == {
+        **by_shorthand,
+        "took_ms": ANY,
+    }
+    cheap = {f"p{i:03d}" for i in range(40) if 1.5 * i < 10}
+    body = assert_answer(svc.search(query, k=20, filter="price<10"))
+    assert set(pids(body)) == cheap
+    body = assert_answer(svc.search(query, k=3, filter="price:3..30, category:common|rare"))
+    assert len(body["results"]) == 3 and all(3 <= r["price"] <= 30 for r in body["results"])
+    body = assert_answer(svc.search(query, k=5, filter="category:rare", category="common"))
+    assert body["results"] == []  # both must hold
+    body = assert_answer(svc.get("/products/p010/similar", params={"k": 5, "filter": "price>50"}))
+    assert len(body["results"]) == 5 and all(r["price"] > 50 for r in body["results"])
+    assert body["preferred_category"] is None  # a filter makes the own-category order moot
+    for bad, named in [
+        ("title:Product 1", "title"),
+        ("nosuch:x", "nosuch"),
+        ("category<3", "category"),
+        ("price:abc", "abc"),
+        (",", None),
+    ]:
+        error = assert_error(svc.search(query, filter=bad), 400, "bad_filter")
+        assert named is None or named in error["message"], (bad, error)
+    r = svc.get("/products/p010/similar", params={"filter": "nosuch:1"})
+    assert_error(r, 400, "bad_filter")
+
+
+def test_text_search(svc):
+    """GET /search?q= by BM25 over the docs' title and text metadata, built into the version."""
+    manifest = versions.open_version(svc.index_root).manifest
+    assert manifest.filterable == {"category": "string", "price": "number"}
+    assert manifest.text["columns"] == ["title", "category"]
+    assert len(manifest.text["shards"]) == SHARDS
+
+    def text(q: str, **params) -> requests.Response:
+        return svc.get("/search", params={"q": q, **params})
+
+    body = assert_text_answer(text("product 17"))
+    assert pids(body)[0] == "p017" and len(body["results"]) == 10
+    body = assert_text_answer(text("rare", k=10))
+    assert sorted(pids(body)) == list(RARE)
+    body = assert_text_answer(text("product", k=10, filter="price<6"))
+    assert sorted(pids(body)) == ["p000", "p001", "p002", "p003"]
+    body = assert_text_answer(text("the and of", k=5))  # stop words only: nothing matches
+    assert body["results"] == []
+    assert_error(text(""), 400, "bad_request")
+    assert_error(text("x" * 501), 400, "bad_request")
+    assert_error(text("product", filter="nosuch:1"), 400, "bad_filter")
+    assert_error(svc.get("/search"), 400, "bad_request")
+
+
+def assert_text_answer(r: requests.Response) -> dict:
+    assert r.status_code == 200, (r.status_code, r.text[:500])
+    body = r.json()
+    assert body["partial"] is False and body["coverage"] == {"shards": SHARDS, "of": SHARDS}
+    scores = [row["score"] for row in body["results"]]
+    assert scores == sorted(scores, reverse=True) and all(x > 0 for x in scores), scores
+    assert len(set(pids(body))) == len(body["results"])  # one result per product
+    return body
+
+
 # -------------------------------------------------------------------------------- products
 
 
@@ -554,6 +624,16 @@ def test_too_large_is_413(svc):
         b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
         b"Content-Length: 50000000\r\n\r\n",
     )
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"code":"too_large"' in answer, answer[:500]
+    # A client that sends its whole body before reading (no Expect: 100-continue) still reads
+    # the JSON answer, not a connection reset.
+    body = random.Random(1).randbytes(4 * MAX_UPLOAD)
+    head = (
+        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    answer = raw_exchange(svc.port, head + body)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b'"code":"too_large"' in answer, answer[:500]
 
@@ -797,58 +877,126 @@ def test_reload_refuses_a_current_that_leaves_the_index_root(svc):
 # -------------------------------------------------------------------------------- overload
 
 
-def test_overload_is_503_then_recovers(svc):
-    """MAX_INFLIGHT uploads that never finish their body keep the ingress busy: 503."""
-    good = svc.files["p006.jpg"]
-    head = (
+def _held_upload(svc) -> socket.socket:
+    """A POST /search that sends 1,000 of its 50,000 bytes and then nothing."""
+    s = socket.create_connection(("127.0.0.1", svc.port), timeout=30)
+    s.sendall(
         b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
-        b"Content-Length: 50000\r\n\r\n"
+        b"Content-Length: 50000\r\n\r\n" + svc.files["p006.jpg"][:1000]
     )
+    return s
 
-    def hold() -> socket.socket:
-        s = socket.create_connection(("127.0.0.1", svc.port), timeout=30)
-        s.sendall(head + good[:1000])  # and never the rest: the ingress waits for it
-        return s
 
-    held: list[socket.socket] = []
-    answers = []
+def _answer_of(s: socket.socket, timeout: float) -> bytes:
+    """The head and body of the server's answer (b"" when none came within timeout)."""
+    s.settimeout(timeout)
+    buf = b""
+    for _ in range(16):
+        try:
+            chunk = s.recv(4096)
+        except TimeoutError:
+            break
+        buf += chunk
+        head, sep, body = buf.partition(b"\r\n\r\n")
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        if not chunk or (sep and length and len(body) >= int(length.group(1))):
+            break
+    return buf
+
+
+def test_slow_uploads_hold_no_search_slot_and_get_408(svc):
+    """More slow uploads than search slots: searches still answer; each upload gets a 408 JSON
+    once upload_timeout_s has passed."""
+    held = [_held_upload(svc) for _ in range(2 * MAX_INFLIGHT)]
+    started = time.monotonic()
     try:
-        held = [hold() for _ in range(MAX_INFLIGHT)]
-
-        def overloaded():
-            # A held request that reached the ingress while a probe was in flight was refused
-            # itself: replace it, so that all MAX_INFLIGHT end up held in flight.
-            for i, s in enumerate(held):
-                if select.select([s], [], [], 0)[0]:
-                    answer = s.recv(4096)
-                    answers.append(answer[:12])
-                    assert answer.startswith(b"HTTP/1.1 503") and b"overloaded" in answer
-                    s.close()
-                    held[i] = hold()
-            time.sleep(0.5)  # let the held requests reach the ingress before probing
-            r = svc.search(good)
-            answers.append(r.status_code)
-            return r if r.status_code == 503 else None
-
-        r = poll(overloaded, timeout=30, interval=0, attempts=30)
-        assert r is not None, f"{MAX_INFLIGHT} held requests never gave a 503: {answers}"
-        assert_error(r, 503, "overloaded")
-        for _ in range(3):  # still held: still 503, every time
-            assert_error(svc.search(good), 503, "overloaded")
-        r = svc.post("/search", files={"image": ("q.jpg", good, "image/jpeg")})
-        assert_error(r, 503, "overloaded")
-        assert_error(svc.get("/products/p001/similar"), 503, "overloaded")
-        assert svc.get("/healthz").status_code == 200  # health is not admission-controlled
+        time.sleep(0.5)  # let them reach the ingress
+        assert pids(assert_answer(svc.search(svc.files["p006.jpg"])))[0] == "p006"
+        assert_answer(svc.get("/products/p001/similar"))
+        answers = [_answer_of(s, UPLOAD_TIMEOUT + 20) for s in held]
     finally:
         for s in held:
             s.close()
+    waited = time.monotonic() - started
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b'"code":"timeout"' in answer, answer[:500]
+    assert UPLOAD_TIMEOUT - 1 <= waited < UPLOAD_TIMEOUT + 20, waited
+
+
+def test_overload_is_503_then_recovers(svc):
+    """More concurrent searches than max_inflight: some are refused at once with a JSON 503,
+    the others answer, and nothing else fails."""
+    good = svc.files["p006.jpg"]
+    statuses: list[int] = []
+    errors: list[requests.Response] = []
+
+    def burst():
+        with requests.Session() as session:
+            for _ in range(3):
+                r = svc.search(good, session=session, k=5)
+                statuses.append(r.status_code)
+                if r.status_code != 200:
+                    errors.append(r)
+
+    threads = [threading.Thread(target=burst, daemon=True) for _ in range(6 * MAX_INFLIGHT)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=3 * TIMEOUT)
+    assert len(statuses) == 3 * len(threads), statuses
+    assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+    for r in errors:
+        assert_error(r, 503, "overloaded")
+    assert svc.get("/healthz").status_code == 200  # health is not admission-controlled
 
     def recovered():
         r = svc.search(good)
         return r if r.status_code == 200 else None
 
     r = poll(recovered, timeout=30, interval=0.3, attempts=60)
-    assert r is not None, "the service still answers 503 after the held requests went away"
+    assert r is not None, "the service still answers 503 after the burst"
+    assert pids(assert_answer(r))[0] == "p006"
+
+
+def _replica_actors(deployment: str) -> list:
+    import ray
+
+    names = ray.util.list_named_actors(all_namespaces=True)
+    found = [a for a in names if f"#{deployment}#" in a["name"]]
+    return [ray.get_actor(a["name"], namespace=a["namespace"]) for a in found]
+
+
+def test_a_dead_shard_gives_partial_answers_then_full_coverage(svc):
+    """One shard's only replica is killed: every answer is a 200 marked partial (the other
+    shard's products) or a JSON 503, never a 500; full coverage returns after the restart."""
+    import ray
+
+    (replica,) = _replica_actors("ShardSearcher-1")
+    ray.kill(replica, no_restart=True)
+    seen: list[tuple[int, dict]] = []
+
+    def partial_seen():
+        r = svc.search(svc.files["p006.jpg"], k=5)
+        body = r.json()
+        seen.append((r.status_code, body))
+        assert r.status_code in (200, 503), (r.status_code, r.text[:300])
+        if r.status_code == 503:
+            assert_error(r, 503)
+        return r.status_code == 200 and body["partial"]
+
+    assert poll(partial_seen, timeout=30, interval=0.2), seen[-3:]
+    body = seen[-1][1]
+    assert body["coverage"] == {"shards": SHARDS - 1, "of": SHARDS}, body
+    assert body["results"], body
+
+    def full():
+        r = svc.search(svc.files["p006.jpg"], k=5)
+        assert r.status_code in (200, 503), (r.status_code, r.text[:300])
+        return r.status_code == 200 and not r.json()["partial"] and r
+
+    r = poll(full, timeout=90, interval=0.5, attempts=400)
+    assert r, "full coverage did not return after the shard replica restarted"
     assert pids(assert_answer(r))[0] == "p006"
 
 

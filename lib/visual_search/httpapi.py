@@ -4,6 +4,7 @@ the bounded upload read. No search logic here."""
 # No `from __future__ import annotations`: FastAPI must see the handler types at run time.
 import contextlib
 import functools
+import hmac
 import json
 import time
 
@@ -23,6 +24,10 @@ IMAGE_STATUS = {
     "truncated": 422,
     "decode_error": 422,
 }
+# An upload over the limit is still read (and dropped) up to this size before the 413: a client
+# that sends its whole body before reading (no `Expect: 100-continue`: urllib, fetch) would get
+# a connection reset instead of the JSON answer. Larger ones are cut at once.
+DRAIN_BYTES = 32 << 20
 # Room for the multipart envelope around an image of the largest allowed size.
 MULTIPART_SLACK = 65536
 
@@ -42,7 +47,11 @@ class Stages:
     bench/serve.py read it)."""
 
     def __init__(self):
+        self.started = time.perf_counter()
         self.ms: dict[str, float] = {}
+
+    def total_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -148,14 +157,18 @@ def _too_large(limit: int) -> ApiError:
 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    declared = int(declared) if declared and declared.isdigit() else None
+    if declared is not None and declared > max(limit, DRAIN_BYTES):
         raise _too_large(limit)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+        if size > DRAIN_BYTES:
+            break
+        if size <= limit:
+            chunks.append(chunk)
+    if size > limit:
+        raise _too_large(limit)
     return b"".join(chunks)
 
 
@@ -191,3 +204,20 @@ async def read_upload(request: Request, max_bytes: int) -> bytes:
     if len(body) > max_bytes:
         raise ApiError(413, "too_large", f"image over {max_bytes} bytes")
     return body
+
+
+def require_key(request: Request, key: str | None, key_env: str, admin_open: bool) -> None:
+    """Admin paths fail closed: 401 for a missing or wrong X-API-Key, 403 when no key is
+    configured (unless `admin_open`, for trusted networks)."""
+    if key is None:
+        if admin_open:
+            return
+        raise ApiError(
+            403,
+            "admin_disabled",
+            f"admin endpoints are off: set ${key_env} in the replicas' environment and send it "
+            "as X-API-Key (or run with admin_open=true on a trusted network)",
+        )
+    given = request.headers.get("x-api-key", "")
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        raise ApiError(401, "unauthorized", "missing or wrong X-API-Key")

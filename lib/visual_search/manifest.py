@@ -138,6 +138,10 @@ class IndexManifest(_JsonManifest):
     timings: dict
     code_version: dict = field(default_factory=code_version)
     format_version: int = INDEX_FORMAT
+    # {column: "string" | "number"}: what filter= accepts (None: versions built before filters)
+    filterable: dict | None = None
+    # {"columns", "shards": [fulltext.build_shard_from_docs records]}: BM25 per shard, or None
+    text: dict | None = None
 
     @classmethod
     def _records(cls, d: dict) -> dict:

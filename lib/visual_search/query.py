@@ -1,8 +1,10 @@
-"""The query path shared by the Serve app and in-process callers: shard search with category
+"""The query path shared by the Serve app and in-process callers: shard search with attribute
 filters, docs lookup, and one result per product."""
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import faiss
@@ -10,12 +12,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from visual_search import index
+from visual_search import filters, fulltext, index
 from visual_search.search import merge_topk
 from visual_search.versions import Version
 
 # Oversampling rounds when several photos of one product crowd the top-k.
 MAX_WIDEN = 6
+# Filters whose matching ids a shard keeps (a category or filter a shopper repeats is cheap).
+FILTER_CACHE = 64
 
 
 class ShardIndex:
@@ -36,23 +40,34 @@ class ShardIndex:
             if not np.array_equal(faiss.vector_to_array(outer.id_map), np.arange(lo, hi)):
                 raise ValueError(f"shard {i}: ids are not the contiguous range [{lo}, {hi})")
             self.inner, self.offset = outer.index, lo
-        docs = version.read_docs(i)
-        self.by_category: dict[str, np.ndarray] = {}
-        if "category" in docs.column_names:
-            cats = docs["category"].cast(pa.string()).combine_chunks()
-            ids = docs["id"].to_numpy()
-            for cat in pc.unique(cats).to_pylist():
-                if cat is not None:
-                    mask = pc.equal(cats, cat).to_numpy(zero_copy_only=False)
-                    self.by_category[cat] = ids[mask]
+        self.docs = version.read_docs(i).combine_chunks()
+        self.members: OrderedDict[str, np.ndarray] = OrderedDict()  # filter key -> its ids
+        self.lock = threading.Lock()
+        text = version.manifest.text
+        self.text = text and fulltext.load_shard(version.root, text["shards"][i])
 
-    def search(self, vectors: np.ndarray, k: int, category: str | None = None):
-        """(scores, ids) (nq, k); with a category, only its items, and as many as it has up to k
-        (an approximate search that comes back short is redone over every list)."""
-        if category is None:
+    def _members(self, flt: filters.Filter) -> np.ndarray:
+        """The ids of this shard's items that pass flt (cached for the latest filters)."""
+        key = flt.key()
+        with self.lock:  # searches run in several threads at once
+            if key not in self.members:
+                try:
+                    self.members[key] = flt.ids(self.docs)
+                except filters.FilterError:  # e.g. a category filter on docs without categories
+                    self.members[key] = np.zeros(0, np.int64)
+                while len(self.members) > FILTER_CACHE:
+                    self.members.popitem(last=False)
+            self.members.move_to_end(key)
+            return self.members[key]
+
+    def search(self, vectors: np.ndarray, k: int, flt: filters.Filter | None = None):
+        """(scores, ids) (nq, k); with a filter, only the items that pass it, and as many as
+        there are up to k (an approximate search that comes back short is redone over every
+        list)."""
+        if not flt:
             return index.search(self.index, vectors, k, self.params)
-        members = self.by_category.get(category)
-        if members is None or not len(members):
+        members = self._members(flt)
+        if not len(members):
             worst = -np.inf if self.metric == "ip" else np.inf
             n = len(vectors)
             return np.full((n, k), worst, np.float32), np.full((n, k), -1, np.int64)
@@ -61,6 +76,15 @@ class ShardIndex:
         if (ids >= 0).sum(axis=1).min() < min(k, len(members)):
             scores, ids = index.search(self.inner, vectors, k, self.params, selector, True)
         return scores, np.where(ids >= 0, ids + self.offset, -1)
+
+    def text_search(self, text: str, k: int, flt: filters.Filter | None = None):
+        """(scores, ids) (1, k) by BM25 over the docs' text (ids -1 when fewer match); empty
+        when the version has no text index."""
+        if not self.text:
+            return np.full((1, k), -np.inf, np.float32), np.full((1, k), -1, np.int64)
+        allowed = self._members(flt) if flt else None
+        scores, ids = self.text.search(text, k, allowed)
+        return scores[None], ids[None]
 
     def reconstruct(self, gid: int) -> np.ndarray:
         """The stored vector of a global id (decoded from the index codes)."""
@@ -102,18 +126,25 @@ class Docs:
 
 
 def best_per_product(
-    scores: np.ndarray, ids: np.ndarray, docs: Docs, k: int, exclude: str | None = None
+    scores: np.ndarray,
+    ids: np.ndarray,
+    docs: Docs,
+    k: int,
+    exclude: str | None = None,
+    group_of: dict | None = None,
 ) -> list[tuple[int, float]]:
-    """One (id, score) per product, best photo first, from a merged sorted result row."""
+    """One (id, score) per product, best photo first, from a merged sorted result row; with
+    `group_of` (product -> near-duplicate group), one per group (collapse=true)."""
     out, seen = [], set()
     pids = docs.table["product_id"]
     for gid, score in zip(ids.tolist(), scores.tolist(), strict=True):
         if gid < 0:
             break
         pid = pids[gid].as_py()
-        if pid in seen or pid == exclude:
+        key = (group_of or {}).get(pid, pid)
+        if key in seen or pid == exclude:
             continue
-        seen.add(pid)
+        seen.add(key)
         out.append((gid, score))
         if len(out) == k:
             break
@@ -130,15 +161,17 @@ def results(docs: Docs, hits: list[tuple[int, float]]) -> list[dict]:
     return out
 
 
-async def widening_search(fan_out, metric: str, docs: Docs, k: int, exclude: str | None = None):
+async def widening_search(
+    fan_out, metric: str, docs: Docs, k: int, exclude: str | None = None, group_of=None
+):
     """Await fan_out(k') -> per-shard [(scores, ids)] with a growing k' until k distinct products
-    are found (or the index is exhausted); returns [(id, score)], best first."""
+    (or groups, with group_of) are found or the index is exhausted; [(id, score)], best first."""
     width = k + (1 if exclude else 0)
     n = docs.table.num_rows
     hits: list[tuple[int, float]] = []
     for _ in range(MAX_WIDEN):
         scores, ids = merge_topk(await fan_out(width), width, metric)
-        hits = best_per_product(scores[0], ids[0], docs, k, exclude)
+        hits = best_per_product(scores[0], ids[0], docs, k, exclude, group_of)
         if len(hits) >= k or (ids[0] < 0).any() or width >= n:
             break
         width = min(width * 4, n)
@@ -146,17 +179,23 @@ async def widening_search(fan_out, metric: str, docs: Docs, k: int, exclude: str
 
 
 async def preferring_search(
-    fan_out, metric: str, docs: Docs, k: int, exclude: str | None = None, prefer=None
+    fan_out, metric: str, docs: Docs, k: int, exclude: str | None = None, prefer=None, group_of=None
 ):
-    """widening_search over fan_out(k', category): the k nearest products of category `prefer`
-    first (GET /similar: the item's own), then, only when it has fewer than k, the nearest
-    others; [(id, score)]."""
+    """widening_search over fan_out(k', filter or None): the k nearest products of category
+    `prefer` first (GET /similar: the item's own), then, only when it has fewer than k, the
+    nearest others; [(id, score)]."""
+    args = (metric, docs, k, exclude, group_of)
     if prefer is None:
-        return await widening_search(lambda w: fan_out(w, None), metric, docs, k, exclude)
-    own = await widening_search(lambda w: fan_out(w, prefer), metric, docs, k, exclude)
+        return await widening_search(lambda w: fan_out(w, None), *args)
+    own_category = filters.Filter.category(prefer)
+    own = await widening_search(lambda w: fan_out(w, own_category), *args)
     if len(own) >= k:
         return own
-    near = await widening_search(lambda w: fan_out(w, None), metric, docs, k, exclude)
+    near = await widening_search(lambda w: fan_out(w, None), *args)
     pids = docs.table["product_id"]
-    seen = {pids[gid].as_py() for gid, _ in own}
-    return (own + [(gid, s) for gid, s in near if pids[gid].as_py() not in seen])[:k]
+    keys = group_of or {}
+    seen = {keys.get(p, p) for p in (pids[gid].as_py() for gid, _ in own)}
+    rest = [
+        (gid, s) for gid, s in near if keys.get(pids[gid].as_py(), pids[gid].as_py()) not in seen
+    ]
+    return (own + rest)[:k]

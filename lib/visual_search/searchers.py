@@ -41,9 +41,15 @@ class ShardSearcher:
     async def prepare(self, version: str) -> int:
         return (await self._get(version)).index.ntotal
 
-    async def search(self, version: str, vectors: np.ndarray, k: int, category: str | None):
+    async def search(self, version: str, vectors: np.ndarray, k: int, flt=None):
+        """(scores, ids) of the k nearest (a filters.Filter, or None for all items)."""
         shard = await self._get(version)
-        return await asyncio.to_thread(shard.search, vectors, k, category)
+        return await asyncio.to_thread(shard.search, vectors, k, flt)
+
+    async def text_search(self, version: str, text: str, k: int, flt=None):
+        """(scores, ids) (1, k) of the k best BM25 matches of text."""
+        shard = await self._get(version)
+        return await asyncio.to_thread(shard.text_search, text, k, flt)
 
     async def reconstruct(self, version: str, gid: int) -> np.ndarray:
         shard = await self._get(version)

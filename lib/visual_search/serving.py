@@ -11,10 +11,10 @@ photos. Every query pins one index version end to end, so a reload never mixes t
 # No `from __future__ import annotations`: FastAPI must see the endpoint types at run time.
 import asyncio
 import contextlib
-import hmac
+import functools
 import logging
 import os
-import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -24,7 +24,18 @@ from fastapi import Query, Request, Response
 from fastapi.responses import HTMLResponse
 from ray import serve
 
-from visual_search import embedders, httpapi, images, query, storage, verify, versions
+from visual_search import (
+    embedders,
+    fanout,
+    filters,
+    fulltext,
+    httpapi,
+    images,
+    query,
+    storage,
+    verify,
+    versions,
+)
 from visual_search.httpapi import ApiError, Stages
 from visual_search.manifest import code_version
 from visual_search.searchers import BatchedEmbedder
@@ -37,6 +48,33 @@ FEATURE_CACHE_BYTES = 256 << 20
 
 TopK = Annotated[int, Query(ge=1, le=100)]
 Category = Annotated[str | None, Query(min_length=1, max_length=200)]
+FilterText = Annotated[
+    str | None,
+    Query(
+        alias="filter",
+        max_length=filters.MAX_FILTER_CHARS,
+        description="field:value, field:v1|v2, field<N, field>N, field:lo..hi; comma = and",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ingress's limits and switches (serve/app.py's AppArgs sets them)."""
+
+    max_upload_bytes: int = 10 << 20
+    max_inflight: int = 64  # searches in flight before 503
+    api_key_env: str = "VISUAL_SEARCH_API_KEY"  # /admin/* needs this key; none: 403
+    rerank: int = 10  # top products of POST /search re-ranked by geometric verification
+    admin_open: bool = False  # /admin/* without a key when none is configured
+    upload_tiff: bool = False
+    upload_timeout_s: float = 30.0  # a slower upload gets a 408
+    shard_timeout_s: float = 5.0  # a slower shard is left out of the answer (partial)
+
+    @property
+    def max_reading(self) -> int:
+        """Uploads being received at once (they hold memory, not search slots)."""
+        return 4 * self.max_inflight
 
 
 class _State:
@@ -46,7 +84,20 @@ class _State:
         self.version = version
         self.docs = docs
         self.name = version.manifest.version
+        self.filterable = filters.filterable_columns(docs.table)
         self.local = local  # the version's own model, when the ingress embeds (BatchedEmbedder)
+
+
+def _parse_filter(state: _State, category: str | None, text: str | None):
+    """`category=` and `filter=` as one filters.Filter (None: no filter); 400 when malformed
+    or naming a field the version does not declare filterable."""
+    try:
+        flt = filters.parse(text or "", state.filterable)
+    except filters.FilterError as exc:
+        raise ApiError(400, "bad_filter", str(exc)) from exc
+    if category is not None:
+        flt = flt.and_(filters.Filter.category(category))
+    return flt or None
 
 
 app = httpapi.make_app("visual_search")
@@ -61,27 +112,17 @@ class Ingress:
         shards: list,
         index_root: str,
         s3_endpoint: str | None,
-        max_upload_bytes: int,
-        max_inflight: int,
-        api_key_env: str,
+        settings: Settings,
         local_embedder: dict | None = None,
-        rerank: int = 10,
-        admin_open: bool = False,
-        upload_tiff: bool = False,
     ):
         """`embedder`: the QueryEmbedder handle, or None with `local_embedder` = the
-        BatchedEmbedder arguments (weights, device, threads) to embed in this replica.
-        `rerank`: how many top products of POST /search geometric verification re-ranks (0 off).
-        /admin/* needs the key in $`api_key_env`; without one, they refuse unless `admin_open`."""
+        BatchedEmbedder arguments (weights, device, threads) to embed in this replica."""
         if s3_endpoint:
             storage.configure(s3_endpoint)
         self.embedder, self.shards = embedder, shards
-        self.index_root = index_root
-        self.max_upload_bytes = max_upload_bytes
-        self.max_inflight = max_inflight
-        self.api_key = os.environ.get(api_key_env) or None
-        self.api_key_env, self.admin_open = api_key_env, admin_open
-        self.inflight = 0
+        self.index_root, self.settings = index_root, settings
+        self.api_key = os.environ.get(settings.api_key_env) or None
+        self.searching = self.reading = 0
         self.reload_lock = asyncio.Lock()
         self.local_args = local_embedder if embedder is None else None
         version = versions.open_version(index_root)
@@ -93,9 +134,8 @@ class Ingress:
             self.state.version.manifest.model["model_id"],
             self.state.version.manifest.model.get("preprocess", {}).get("mode", "pad"),
         )
-        formats = images.FORMATS if upload_tiff else images.UPLOAD_FORMATS
-        self.limits = images.Limits(max_bytes=max_upload_bytes, formats=formats)
-        self.rerank = rerank
+        formats = images.FORMATS if settings.upload_tiff else images.UPLOAD_FORMATS
+        self.limits = images.Limits(max_bytes=settings.max_upload_bytes, formats=formats)
         self.features = verify.FeatureCache(FEATURE_CACHE_BYTES)
         self.code_version = code_version()
 
@@ -112,15 +152,27 @@ class Ingress:
     # --- helpers -------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _slot(self):
-        """Admission control: past max_inflight requests, answer 503 at once (JSON body)."""
-        if self.inflight >= self.max_inflight:
+    async def _admit(self, counter: str, limit: int):
+        """Admission control: past `limit` requests in `counter`, answer 503 at once (JSON)."""
+        if getattr(self, counter) >= limit:
             raise ApiError(503, "overloaded", "too many requests in flight; retry shortly")
-        self.inflight += 1
+        setattr(self, counter, getattr(self, counter) + 1)
         try:
             yield
         finally:
-            self.inflight -= 1
+            setattr(self, counter, getattr(self, counter) - 1)
+
+    async def _upload(self, request: Request, stage: Stages) -> bytes:
+        """The query photo, read before a search slot is taken: a slow client holds only a
+        reading slot, and for at most upload_timeout_s (then 408)."""
+        limit = self.settings.upload_timeout_s
+        with stage("read"):
+            async with self._admit("reading", self.settings.max_reading):
+                try:
+                    async with asyncio.timeout(limit):
+                        return await httpapi.read_upload(request, self.settings.max_upload_bytes)
+                except TimeoutError as exc:
+                    raise ApiError(408, "timeout", f"upload not received within {limit} s") from exc
 
     async def _embed(
         self, state: _State, data: bytes, stage: Stages
@@ -140,15 +192,28 @@ class Ingress:
                 vector = await self.embedder.embed.remote(pixels)
         return np.asarray(vector, np.float32)[None], pixels
 
-    async def _search(self, state: _State, vector, k, category, exclude=None, prefer=None):
-        """Results filtered to `category`, or with `prefer`'s products first."""
+    async def _search(self, state: _State, coverage, probe, k, flt, exclude, prefer):
+        """Results for `probe` (a query vector (1, d), or text for BM25) that pass `flt` (a
+        filters.Filter or None), or with `prefer`'s products first."""
+        text = isinstance(probe, str)
 
-        async def fan_out(width: int, preferred: str | None):
-            filter_by = category or preferred
-            calls = [s.search.remote(state.name, vector, width, filter_by) for s in self.shards]
-            return await asyncio.gather(*calls)
+        async def fan_out(width: int, preferred):
+            calls = [
+                functools.partial(
+                    s.text_search.remote if text else s.search.remote,
+                    state.name,
+                    probe,
+                    width,
+                    flt or preferred,
+                )
+                for s in self.shards
+            ]
+            try:
+                return await fanout.gather(calls, self.settings.shard_timeout_s, coverage)
+            except fanout.Unavailable as exc:
+                raise ApiError(503, "unavailable", str(exc)) from exc
 
-        metric = state.version.manifest.metric
+        metric = "ip" if text else state.version.manifest.metric  # BM25: higher is better
         hits = await query.preferring_search(fan_out, metric, state.docs, k, exclude, prefer)
         out = query.results(state.docs, hits)
         for row in out:
@@ -176,37 +241,40 @@ class Ingress:
         )
 
     async def _query(
-        self, response: Response, query_of, k: int, category: str | None, exclude=None
+        self, response: Response, stage: Stages, query_of, k: int, where, exclude=None
     ) -> dict:
-        """Admit, pin the current version, get the query (vector, the photo's pixels or None,
-        the category to prefer or None), search; for a photo, re-rank the top products and
-        predict its category."""
-        started, stage = time.perf_counter(), Stages()
-        async with self._slot():
+        """Admit, pin the current version, get the query (vector or text, the photo's pixels or
+        None, the category to prefer or None), search among the items `where` = (category, filter
+        text) lets through; for a photo, re-rank the top products and predict its category."""
+        coverage = fanout.Coverage(len(self.shards))
+        async with self._admit("searching", self.settings.max_inflight):
             state = self.state
             metric = state.version.manifest.metric
-            vector, pixels, prefer = await query_of(state, stage)
-            prefer = None if category else prefer  # a filter makes the preference moot
+            flt = _parse_filter(state, *where)
+            probe, pixels, prefer = await query_of(state, stage)
+            prefer = None if flt else prefer  # a filter makes the preference moot
             # The bonus is added to a cosine: an "l2" version (distances) is not re-ranked.
-            rerank = self.rerank if pixels is not None and metric == "ip" else 0
+            rerank = self.settings.rerank if pixels is not None and metric == "ip" else 0
             with stage("search"):
                 width = max(k, rerank)
-                results = await self._search(state, vector, width, category, exclude, prefer)
+                args = (probe, width, flt, exclude, prefer)
+                results = await self._search(state, coverage, *args)
             if rerank and results:
                 with stage("rerank"):
                     results = await self._rerank(state, results, pixels, rerank)
             results = results[:k]
-            took = (time.perf_counter() - started) * 1000
+        took = stage.total_ms()
         response.headers["Server-Timing"] = stage.header() + f", total;dur={took:.2f}"
         answer = {
             "results": results,
             "index_version": state.name,
             "took_ms": round(took, 2),
-            "partial": False,
+            "partial": coverage.partial,
+            "coverage": coverage.as_dict(),
         }
         if pixels is not None:
             answer["predicted_category"] = verify.predicted_category(results, metric=metric)
-        else:
+        elif not isinstance(probe, str):
             answer["preferred_category"] = prefer
         return answer
 
@@ -219,13 +287,34 @@ class Ingress:
         response: Response,
         k: TopK = 10,
         category: Category = None,
+        filter_text: FilterText = None,
     ) -> dict:
+        stage = Stages()
+        data = await self._upload(request, stage)
+
         async def upload_query(state: _State, stage: Stages):
-            with stage("read"):
-                data = await httpapi.read_upload(request, self.max_upload_bytes)
             return *await self._embed(state, data, stage), None
 
-        return await self._query(response, upload_query, k, category)
+        where = (category, filter_text)
+        return await self._query(response, stage, upload_query, k, where)
+
+    @app.get("/search")
+    async def text_search(
+        self,
+        response: Response,
+        q: Annotated[str, Query(min_length=1, max_length=fulltext.MAX_QUERY_CHARS)],
+        k: TopK = 10,
+        category: Category = None,
+        filter_text: FilterText = None,
+    ) -> dict:
+        """Products whose title and text metadata match q (BM25), best first."""
+
+        async def text_query(state: _State, stage: Stages):
+            if not state.version.manifest.text:
+                raise ApiError(409, "no_text_index", f"version {state.name} has no text index")
+            return q, None, None
+
+        return await self._query(response, Stages(), text_query, k, (category, filter_text))
 
     @app.get("/products/{product_id:path}/similar")
     async def similar(
@@ -235,6 +324,7 @@ class Ingress:
         k: TopK = 10,
         category: Category = None,
         same_category: bool = True,
+        filter_text: FilterText = None,
     ) -> dict:
         """Nearest products; by default those of the item's own category (when the catalog has
         categories) come first, then the nearest others."""
@@ -242,12 +332,18 @@ class Ingress:
         async def stored_vector(state: _State, stage: Stages):
             gid = self._first_id(state, product_id)
             shard = self._shard_of(state, gid)
+            reconstruct = functools.partial(self.shards[shard].reconstruct.remote, state.name, gid)
             with stage("vector"):
-                vector = await self.shards[shard].reconstruct.remote(state.name, gid)
+                try:
+                    vector = await fanout.call(reconstruct, self.settings.shard_timeout_s)
+                except Exception as exc:
+                    log.warning("shard %d could not give the vector of %d: %r", shard, gid, exc)
+                    raise ApiError(503, "unavailable", f"shard {shard} is unavailable") from exc
             own = state.docs.category_of(gid) if same_category else None
             return np.asarray(vector, np.float32)[None], None, own
 
-        return await self._query(response, stored_vector, k, category, exclude=product_id)
+        where = (category, filter_text)
+        return await self._query(response, Stages(), stored_vector, k, where, product_id)
 
     @app.get("/products/{product_id:path}/image")
     async def product_image(self, product_id: str, id: int | None = None) -> Response:
@@ -299,7 +395,9 @@ class Ingress:
 
     @app.post("/admin/reload")
     async def reload(self, request: Request) -> dict:
-        self._admit_admin(request)
+        httpapi.require_key(
+            request, self.api_key, self.settings.api_key_env, self.settings.admin_open
+        )
         async with self.reload_lock:
             previous = self.state.name
             try:
@@ -333,21 +431,6 @@ class Ingress:
             return await asyncio.to_thread(BatchedEmbedder, model, **self.local_args)
         except (ValueError, OSError) as exc:
             raise ApiError(409, "incompatible_version", f"cannot load its model: {exc}") from exc
-
-    def _admit_admin(self, request: Request) -> None:
-        """Fail closed: 401 for a missing or wrong key, 403 when no key is configured."""
-        if self.api_key is None:
-            if self.admin_open:
-                return
-            raise ApiError(
-                403,
-                "admin_disabled",
-                f"admin endpoints are off: set ${self.api_key_env} in the replicas' environment "
-                "and send it as X-API-Key (or run with admin_open=true on a trusted network)",
-            )
-        given = request.headers.get("x-api-key", "")
-        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-            raise ApiError(401, "unauthorized", "missing or wrong X-API-Key")
 
     def _first_id(self, state: _State, product_id: str) -> int:
         ids = state.docs.ids_of(product_id)

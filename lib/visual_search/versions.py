@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import faiss
 import pyarrow as pa
 
-from visual_search import index, storage
+from visual_search import fulltext, index, storage
 from visual_search.manifest import IndexManifest
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,16 @@ def prune(
     return doomed
 
 
+def withdraw(index_root: str, version: str) -> None:
+    """Remove a version that must not be published (a gate refused it): its manifest first, so
+    it is never seen complete again even if removing the rest fails."""
+    if version == current(index_root):
+        raise ValueError(f"version {version} is CURRENT; refusing to withdraw it")
+    root = version_root(index_root, version)
+    storage.delete(storage.join(root, "manifest.json"))
+    storage.delete(root)
+
+
 @dataclass(frozen=True)
 class Version:
     """An opened, complete version: its manifest and where its files are."""
@@ -122,6 +132,21 @@ class Version:
             raise ValueError(f"{rec.file}: {idx.ntotal} vectors, the manifest says {rec.count}")
         index.apply_params(idx, self.manifest.search_params)
         return idx
+
+    @property
+    def filterable(self) -> dict[str, str]:
+        """{column: "string" | "number"} that filter= accepts ({} for versions built before)."""
+        return dict(self.manifest.filterable or {})
+
+    @property
+    def has_text(self) -> bool:
+        return self.manifest.text is not None
+
+    def load_text(self, i: int, verify: bool = True) -> fulltext.TextIndex | None:
+        """Shard i's BM25 text index (checksums verified), or None when built without one."""
+        if self.manifest.text is None:
+            return None
+        return fulltext.load_shard(self.root, self.manifest.text["shards"][i], verify)
 
     def read_docs(self, i: int | None = None) -> pa.Table:
         """The docs (id, product_id, image_uri, metadata) of shard i, or of all shards."""

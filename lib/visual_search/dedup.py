@@ -1,0 +1,303 @@
+"""Near-duplicate product groups (Contract 6): candidates, mutual-NN edges, union-find groups.
+
+Items are photos (global ids of a version); groups are of products. The similarity of two
+products is the best exact inner product over their photos; two photos of one product never
+make an edge. An edge joins two products only when each is the other's nearest other product
+(mutual 1-NN) at or above the threshold, so a link a~b~c never joins a and c: with mutual_k=1
+every group is a pair (a product has one nearest neighbour). mutual_k > 1 allows larger
+groups (each in the other's top k products) and can chain again; it is opt-in.
+
+For the service: `load_groups(uri)` reads `{out}/groups.parquet` of a complete output (its
+manifest.json written) into a `Groups` lookup (product -> group, group -> members).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from visual_search import embeddings, index, storage
+from visual_search.search import merge_topk
+from visual_search.versions import Version
+
+GROUPS_SCHEMA = pa.schema(
+    [("product_id", pa.string()), ("group_id", pa.int64()), ("score", pa.float32())]
+)
+
+
+class DedupError(ValueError):
+    """The dedup job cannot run on what it was given (missing version, bad output)."""
+
+
+# ------------------------------------------------------------------------- candidates (Ray)
+
+
+def _exact_vectors(version: Version, dataset, ids: np.ndarray, shards: list) -> np.ndarray:
+    """Exact vectors of ids: from the embeddings dataset when given, else reconstructed."""
+    if dataset is not None:
+        got, x = dataset.read_ids(ids)
+        pos = np.searchsorted(got, ids)
+        return x[pos]
+    starts = np.array([s.id_range[0] for s in version.manifest.shards])
+    out = np.empty((len(ids), version.manifest.dim), np.float32)
+    for j, gid in enumerate(ids.tolist()):
+        s = int(np.searchsorted(starts, gid, side="right") - 1)
+        out[j] = shards[s].reconstruct(int(gid))
+    return out
+
+
+def matching_dataset(version: Version, product_ids: pa.Array):
+    """The embeddings dataset the version was built from when it is there and holds exactly the
+    version's rows (count, dimension, product per id), else None (vectors are reconstructed)."""
+    m = version.manifest
+    uri = (m.embeddings or {}).get("uri")
+    if not uri:
+        return None
+    try:
+        dataset = embeddings.open_dataset(uri)
+    except (embeddings.DatasetError, storage.StorageError):
+        return None
+    if dataset.count != m.count or dataset.dim != m.dim:
+        return None
+    for p in dataset.parts:
+        pids = storage.read_parquet(p.uri, columns=["product_id"])["product_id"].combine_chunks()
+        if not pids.equals(product_ids.slice(p.first_id, p.rows)):
+            return None
+    return dataset
+
+
+def query_items(
+    version: Version, dataset, qids: np.ndarray, k: int, batch: int = 2048
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ray task body: k-NN of the items qids against every shard, re-scored exactly.
+
+    Returns (query ids (m,), candidate ids (m, k), exact scores (m, k) float32); the query's
+    own id and padding are -1 with score -inf.
+    """
+    shards = [version.load_shard(i) for i in range(len(version.manifest.shards))]
+    qids = np.asarray(qids, np.int64)
+    out_i = np.full((len(qids), k), -1, np.int64)
+    out_s = np.full((len(qids), k), -np.inf, np.float32)
+    params = version.manifest.search_params
+    for a in range(0, len(qids), batch):
+        q = qids[a : a + batch]
+        x = _exact_vectors(version, dataset, q, shards)
+        parts = [index.search(s, x, k + 1, params) for s in shards]
+        _, ids = merge_topk(parts, k + 1, version.manifest.metric)
+        ids = np.where(ids == q[:, None], -1, ids)
+        uniq = np.unique(ids[ids >= 0])
+        cand = _exact_vectors(version, dataset, uniq, shards) if len(uniq) else None
+        for r in range(len(q)):
+            row = ids[r][ids[r] >= 0][:k]
+            if len(row):
+                out_i[a + r, : len(row)] = row
+                out_s[a + r, : len(row)] = cand[np.searchsorted(uniq, row)] @ x[r]
+    return qids, out_i, out_s
+
+
+# ---------------------------------------------------------------------------- pure stages
+
+
+def product_pairs(
+    qids: np.ndarray, cand: np.ndarray, scores: np.ndarray, product_of: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Item candidates -> product pairs (a < b codes, best score over their photos).
+
+    `product_of`: product code (int) per global id. Same-product pairs are dropped."""
+    rows = np.repeat(qids, cand.shape[1])
+    cols, s = cand.ravel(), scores.ravel()
+    ok = cols >= 0
+    pa_, pb = product_of[rows[ok]], product_of[cols[ok]]
+    s = s[ok]
+    diff = pa_ != pb
+    lo, hi = np.minimum(pa_, pb)[diff], np.maximum(pa_, pb)[diff]
+    return merge_pairs((lo, hi, s[diff]))
+
+
+def merge_pairs(*lists: tuple[np.ndarray, np.ndarray, np.ndarray]):
+    """Union of (a, b, score) pair lists (a < b), keeping each pair's best score."""
+    a = np.concatenate([p[0] for p in lists]).astype(np.int64)
+    b = np.concatenate([p[1] for p in lists]).astype(np.int64)
+    s = np.concatenate([p[2] for p in lists]).astype(np.float32)
+    if not len(a):
+        return a, b, s
+    order = np.lexsort((-s, b, a))
+    a, b, s = a[order], b[order], s[order]
+    first = np.ones(len(a), bool)
+    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    return a[first], b[first], s[first]
+
+
+def top_neighbours(
+    a: np.ndarray, b: np.ndarray, s: np.ndarray, k: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """(src, dst): each product's k best other products (score desc, ties by smaller code)."""
+    src, dst = np.concatenate([a, b]), np.concatenate([b, a])
+    order = np.lexsort((dst, -np.concatenate([s, s]), src))
+    src, dst = src[order], dst[order]
+    starts = np.flatnonzero(np.r_[True, src[1:] != src[:-1]])
+    rank = np.arange(len(src)) - np.repeat(starts, np.diff(np.r_[starts, len(src)]))
+    keep = rank < k
+    return src[keep], dst[keep]
+
+
+def mutual_edges(
+    a: np.ndarray, b: np.ndarray, s: np.ndarray, threshold: float, k: int = 1
+) -> list[tuple[int, int, float]]:
+    """Pairs (a, b, score) that are mutual top-k products with score >= threshold."""
+    a, b, s = np.asarray(a, np.int64), np.asarray(b, np.int64), np.asarray(s, np.float32)
+    if not len(a):
+        return []
+    src, dst = top_neighbours(a, b, s, k)
+    n = int(max(a.max(), b.max())) + 1
+    top = src * n + dst
+    mutual = np.isin(a * n + b, top) & np.isin(b * n + a, top) & (s >= threshold)
+    return list(zip(a[mutual].tolist(), b[mutual].tolist(), s[mutual].tolist(), strict=True))
+
+
+class UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+
+    def find(self, x: int) -> int:
+        root = x
+        while self.parent.setdefault(root, root) != root:
+            root = self.parent[root]
+        while self.parent[x] != root:
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def union(self, x: int, y: int) -> None:
+        rx, ry = self.find(x), self.find(y)
+        if rx != ry:
+            self.parent[max(rx, ry)] = min(rx, ry)
+
+
+def groups_from_edges(edges: list[tuple[int, int, float]], names: list[str]) -> list[dict]:
+    """Union-find groups of product codes -> [{group_id, representative, members: {name:
+    score}}], group_id by the order of each group's smallest product name (deterministic).
+
+    Representative: highest sum of edge scores (ties by product name); a member's score is its
+    edge score to the representative (1.0 for the representative; else its best edge)."""
+    uf = UnionFind()
+    weight: dict[int, float] = {}
+    pair: dict[tuple[int, int], float] = {}
+    best: dict[int, float] = {}
+    for x, y, sc in edges:
+        uf.union(x, y)
+        for n in (x, y):
+            weight[n] = weight.get(n, 0.0) + sc
+            best[n] = max(best.get(n, -np.inf), sc)
+        pair[(x, y)] = pair[(y, x)] = sc
+    members: dict[int, list[int]] = {}
+    for node in weight:
+        members.setdefault(uf.find(node), []).append(node)
+    out = []
+    for nodes in members.values():
+        rep = min(nodes, key=lambda n: (-round(weight[n], 6), names[n]))
+        scores = {names[n]: 1.0 if n == rep else pair.get((n, rep), best[n]) for n in nodes}
+        out.append({"representative": names[rep], "members": scores})
+    out.sort(key=lambda g: min(g["members"]))
+    for gid, g in enumerate(out):
+        g["group_id"] = gid
+    return out
+
+
+def groups_table(groups: list[dict]) -> pa.Table:
+    rows = [(pid, g["group_id"], sc) for g in groups for pid, sc in sorted(g["members"].items())]
+    return pa.table(
+        {
+            "product_id": pa.array([r[0] for r in rows], pa.string()),
+            "group_id": pa.array([r[1] for r in rows], pa.int64()),
+            "score": pa.array([r[2] for r in rows], pa.float32()),
+        },
+        schema=GROUPS_SCHEMA,
+    )
+
+
+# ------------------------------------------------------------------------- calibration
+
+
+def pr_curve(
+    scores: np.ndarray, labels: np.ndarray, thresholds: np.ndarray, positives: int | None = None
+) -> list[dict]:
+    """Precision/recall of "pair score >= t" per threshold; labels: 1 duplicate, 0 not.
+    `positives`: how many true pairs exist (default: the labelled ones; more when some true
+    pairs never became candidates, so recall counts them as missed)."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
+    pos = int(labels.sum()) if positives is None else positives
+    curve = []
+    for t in np.asarray(thresholds, np.float64).tolist():
+        hit = scores >= t
+        tp, fp = int((hit & labels).sum()), int((hit & ~labels).sum())
+        precision = tp / (tp + fp) if tp + fp else 1.0
+        curve.append(
+            {
+                "threshold": round(t, 4),
+                "precision": precision,
+                "recall": tp / max(pos, 1),
+                "tp": tp,
+                "fp": fp,
+            }
+        )
+    return curve
+
+
+def choose_threshold(curve: list[dict], min_precision: float = 0.99) -> dict:
+    """The lowest threshold whose precision (and every higher one's) is >= min_precision."""
+    ok = None
+    for point in sorted(curve, key=lambda p: -p["threshold"]):
+        if point["precision"] < min_precision:
+            break
+        ok = point
+    if ok is None:
+        raise DedupError(f"no threshold reaches precision {min_precision}")
+    return ok
+
+
+# ------------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class Groups:
+    """product_id -> group_id, and group_id -> [(product_id, score)] best first."""
+
+    group_of: dict[str, int]
+    members: dict[int, list[tuple[str, float]]]
+
+    def duplicates(self, product_id: str) -> list[tuple[str, float]]:
+        """The other products of product_id's group (empty when it is in none)."""
+        gid = self.group_of.get(product_id)
+        if gid is None:
+            return []
+        return [m for m in self.members[gid] if m[0] != product_id]
+
+
+def groups_from_table(table: pa.Table) -> Groups:
+    group_of: dict[str, int] = {}
+    members: dict[int, list[tuple[str, float]]] = {}
+    for pid, gid, sc in zip(
+        table["product_id"].to_pylist(),
+        table["group_id"].to_pylist(),
+        table["score"].to_pylist(),
+        strict=True,
+    ):
+        group_of[pid] = gid
+        members.setdefault(gid, []).append((pid, float(sc)))
+    for lst in members.values():
+        lst.sort(key=lambda m: (-m[1], m[0]))
+    return Groups(group_of, members)
+
+
+def load_groups(out: str) -> Groups:
+    """Groups of a complete dedup output folder (manifest.json present), for the service."""
+    if not storage.exists(storage.join(out, "manifest.json")):
+        raise DedupError(f"{out}: no manifest.json (dedup output missing or incomplete)")
+    return groups_from_table(storage.read_parquet(storage.join(out, "groups.parquet")))
+
+
+def output_root(index_root: str, version: str) -> str:
+    """Where the dedup of a version goes by default (outside the immutable version folder)."""
+    return storage.join(index_root, "dedup", version)
