@@ -687,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from serve import app as serve_app
     from serve.app import AppArgs, build_app
 
     cores = devices.cpu_count()
@@ -775,7 +776,8 @@ def main(argv: list[str] | None = None) -> int:
         embed_threads = actor_threads(embed_cpus)
         if app_args.embedder_threads:
             embed_threads["torch"] = app_args.embedder_threads
-        shard_threads = actor_threads(app_args.shard_cpus)
+        shards = len(versions.open_version(index_root).manifest.shards)
+        shard_threads = actor_threads(serve_app.shard_cpus(app_args, shards))
         results["replica_threads"] = {"embedder": embed_threads, "shard": shard_threads}
         say("replica_threads", results["replica_threads"])
         inproc = InProcess(index_root, app_args.max_upload_bytes, args.k, args.weights)

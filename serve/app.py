@@ -105,6 +105,11 @@ def _check_fits(cpus: float) -> None:
         )
 
 
+def shard_cpus(args: AppArgs, shards: int) -> float:
+    """num_cpus of one shard replica: AppArgs.shard_cpus, else SHARD_CPUS split over the shards."""
+    return args.shard_cpus if args.shard_cpus is not None else min(0.25, SHARD_CPUS / shards)
+
+
 def build_app(args: AppArgs) -> Application:
     """Ingress (with the model inside, or -> QueryEmbedder) + one ShardSearcher deployment per
     shard of the CURRENT version."""
@@ -113,13 +118,13 @@ def build_app(args: AppArgs) -> Application:
     index_root = storage.normalize(args.index_root)
     manifest = versions.open_version(index_root).manifest
     n = len(manifest.shards)
-    shard_cpus = args.shard_cpus if args.shard_cpus is not None else min(0.25, SHARD_CPUS / n)
+    per_shard = shard_cpus(args, n)
     shards = [
         ShardSearcher.options(
             name=f"ShardSearcher-{i}",
             num_replicas=args.shard_replicas,
             max_ongoing_requests=2 * args.max_inflight,
-            ray_actor_options={"num_cpus": shard_cpus},
+            ray_actor_options={"num_cpus": per_shard},
         ).bind(index_root, i, args.s3_endpoint, args.mmap)
         for i in range(n)
     ]
@@ -137,7 +142,7 @@ def build_app(args: AppArgs) -> Application:
         ).bind(manifest.model, **embedding)
         local, ingress = None, {"num_cpus": args.ingress_cpus}
     models = 0 if embedder is None else args.embedder_replicas * args.embedder_cpus
-    _check_fits(ingress["num_cpus"] + n * args.shard_replicas * shard_cpus + models)
+    _check_fits(ingress["num_cpus"] + n * args.shard_replicas * per_shard + models)
     config = settings(args)
     return Ingress.options(
         # Uploads being read and searches in flight, plus health checks.
