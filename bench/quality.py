@@ -6,8 +6,10 @@
 1. Split by product (`tuning.split_products`, seed 0: 60% train, 20% validation, 20% test),
    the split the re-index's tuning stage uses.
 2. Untuned: jobs/embed.py + jobs/build_index.py on the whole catalog (what --no-tune builds).
-3. Tuned: jobs/tune.py on those vectors with refit off, so the model has seen the train
-   products' labels and nothing of the test products; then jobs/build_index.py.
+3. Tuned: jobs/tune.py on those vectors (its default method: the backbone's last stage
+   fine-tuned on re-photographs of the train products, the epoch chosen on validation
+   products; refit off), so the model has seen nothing of the test products; then
+   jobs/build_index.py.
 4. Queries (jobs/make_queries.py --profile shopper, seed 1: crop keeping 70-90%, ±10°, colour
    shifts, JPEG 40; another distribution and seed than the tuning stage's own held-out queries)
    of up to --products test and train products, searched among the whole catalog through
@@ -104,11 +106,12 @@ def figures(root: str, queries: str, products: list[str], out: str, rerank: int)
     }
 
 
-def throughput_ratio(head_uri: str, n: int = 256) -> float:
+def throughput_ratio(record: dict, n: int = 256) -> float:
     """Tuned / untuned images per second of the embedder, one process, batches of 32."""
     px = np.random.default_rng(0).integers(0, 256, (32, 224, 224, 3), dtype=np.uint8)
+    tuned = embedders.create(weights=record.get("weights"), head=record.get("head"))
     rates = []
-    for model in (embedders.create(), embedders.create(head=head_uri)):
+    for model in (embedders.create(), tuned):
         model.embed(px)
         t0 = time.perf_counter()
         for _ in range(n // 32):
@@ -167,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     results["train_s"] = record["train_s"]
     results["tune_s"] = record["seconds"]
     results["embed_s"] = storage.read_json(w("emb", "manifest.json"))["timings"]["total_s"]
-    keys = ("kept", "mix", "decision", "classes", "products", "untuned", "tuned")
-    results["tuning"] = {k: record[k] for k in keys}
-    results["throughput_ratio"] = throughput_ratio(record["head"])
+    keys = ("method", "kept", "mix", "decision", "classes", "products", "untuned", "tuned",
+            "history", "trained")  # fmt: skip
+    results["tuning"] = {k: record[k] for k in keys if k in record}
+    results["throughput_ratio"] = throughput_ratio(record)
     for name in ("train_s", "tune_s", "embed_s", "throughput_ratio"):
         print(name, results[name])
     # What the default re-index serves: the tuned model only when the tuning stage kept it.

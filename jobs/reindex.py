@@ -1,19 +1,21 @@
 """Full re-index: embed the catalog, build, verify and publish a new index version.
 
     python jobs/reindex.py --catalog URI --index-root URI [--work URI] [--shards N] [--model NAME]
-        [--head URI] [--no-tune] [--tune-labels COLUMN]
+        [--head URI] [--no-tune] [--tune-method finetune|head] [--tune-labels COLUMN]
         [--eval-queries URI --min-recall R --max-drop D]
 
 This is the command platform engineers submit (`ray job submit ... -- python jobs/reindex.py`).
 The embeddings go to --work (default: {index-root}/work/embed-<catalog fingerprint>-<model>),
 so a rerun after a crash resumes the embedding where it stopped.
 
-Tuning (jobs/tune.py): by default the backbone's vectors are tuned to the catalog when it has
-enough labelled images (--tune-labels, default `category`): a projection trained on the labels
-sits next to the backbone's vector, it is kept only when it beats the untuned model on held-out
-products, and the index is built from the tuned vectors (no image is embedded twice). The tuning
-record (what was trained, on what, how long, both measurements) is in the index manifest's
-`model.head.tuning`. --no-tune (or --head) builds from the backbone's vectors as before.
+Tuning (jobs/tune.py): by default the model is tuned to the catalog when it has enough images
+(500): the backbone's last stage is fine-tuned on synthetic re-photographs of 60% of the products
+(no labels needed), measured against the untuned model on held-out products, and kept only when
+it is better there; the index is then built from the tuned vectors and the service loads the
+tuned weights named in the manifest (`model.weights_uri`). The tuning record (what was trained,
+on what, how long, both measurements) is the manifest's `model.tuning`. `--tune-method head`
+trains the older label projection next to the backbone's vector instead (`--tune-labels`).
+--no-tune (or --head) builds from the backbone's vectors as before.
 
 Quality gate: with --eval-queries, the new version is evaluated (jobs/evaluate.py) after it is
 built and verified and before CURRENT moves; CURRENT stays on the live version (exit 2) when
@@ -150,6 +152,7 @@ def tune_config(args: argparse.Namespace, work: str) -> tune.Config:
         index_root=args.index_root,
         out=f"{work.rstrip('/')}-tuned",
         labels=args.tune_labels,
+        method=args.tune_method,
         weights=args.weights,
         s3_endpoint=args.s3_endpoint,
     )
@@ -165,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, default=Gate.max_drop, help="gate: largest drop")
     p.add_argument("--no-tune", action="store_true", help="build from the backbone's vectors")
     p.add_argument("--tune-labels", default=tune.Config.labels, help="label column for tuning")
+    p.add_argument("--tune-method", choices=sorted(tune.METHODS), default=tune.Config.method)
     return p
 
 

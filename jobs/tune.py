@@ -1,25 +1,27 @@
 """Tune the model to the catalog: the stage `jobs/reindex.py` runs between embed and build.
 
-    python jobs/tune.py --embeddings URI --index-root URI --out URI [--labels category]
-        [--work URI] [--eval-products 600] [--epochs 15] [--seed 0]
+    python jobs/tune.py --embeddings URI --index-root URI --out URI [--method finetune|head]
+        [--labels category] [--eval-products 600] [--views 2] [--finetune-epochs 5]
+        [--epochs 15] [--seed 0]
 
-From the catalog's own backbone vectors and labels, with no image decoded again for training:
-1. products are split by a seeded hash of their id: 60% train, 20% validation, 20% test;
-2. a metric-learning projection (one proxy per label, additive margin; Ray Train, GPU workers
-   when the cluster has them) is trained on the train products;
-3. the tuned model is the backbone's vector next to that projection (a "concat" head): cosine =
-   (1 - mix) * backbone + mix * projection. A projection alone trades instance recall for
-   category structure (the issue-11 finding, and the openclipart table in the README); beside
-   the backbone it adds the structure and keeps the instance detail;
-4. re-photographed queries (jobs/make_queries.py) of up to --eval-products products per split
-   are embedded; `mix` is chosen on the validation products (the best instance recall@1 +
-   category precision@10 among the mixes that keep instance recall), the tuned model is compared
-   with the untuned one on the test products (instance recall@1/@10 of the queries among the
-   whole catalog, category precision@10 of /similar), and on the train products;
-5. the tuned model is kept only when it is better on the test products and loses no instance
-   recall (tuning.decide). Kept, it is refitted on every product, written to
-   {index-root}/models/head-<sha256>.pt, and the catalog's vectors are mapped through it into
-   --out (no re-embedding). The head file and the manifests record the measurements.
+1. Products are split by a seeded hash of their id: 60% train, 20% validation, 20% test.
+2. --method finetune (the default; no labels needed): the backbone's last stage is trained on
+   --views synthetic re-photographs (jobs/make_queries.py's augmentations) of every train photo
+   with a contrastive loss (lib/visual_search/finetune.py; the GPU when there is one). Held-out
+   re-photographs of up to --eval-products products per split are searched among the whole
+   catalog after each epoch; the epoch with the best validation instance recall@1 is kept
+   (epoch 0 is the untuned model). Kept, the backbone's weights go to
+   {index-root}/models/backbone-<sha256>.pt, named by the manifest's model.weights_uri, and
+   the catalog's vectors are recomputed from the stored feature maps (no image decoded again).
+   --method head: a metric-learning projection on the labels (one proxy per label, additive
+   margin; Ray Train) beside the backbone's vector (a "concat" head, cosine = (1 - mix) *
+   backbone + mix * projection), trained on frozen vectors, `mix` chosen on validation,
+   refitted on every product when kept, written to {index-root}/models/head-<sha256>.pt.
+3. The tuned model is compared with the untuned one on the test products (instance
+   recall@1/@10 of the held-out queries, category precision@10 of /similar when there are
+   labels) and kept only when it is better and loses no instance recall (tuning.decide).
+   The record (method, split, what was trained, times, both measurements) goes into the
+   tuned embeddings' manifest and from there into the index version's.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs import cli, embed, make_queries, train_head
-from visual_search import embedders, embeddings, heads, storage, tuning
+from visual_search import embedders, embeddings, finetune, heads, images, storage, tuning
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,16 @@ class Config:
     write_rejected: bool = False  # benchmarks: write the head and vectors even when not kept
     weights: str | None = None
     s3_endpoint: str | None = None
+    method: str = "finetune"  # see METHODS
+    views: int = 2  # finetune: synthetic re-photographs per train photo
+    finetune_epochs: int = 5
+    max_finetune_images: int = 100_000  # feature maps are held in memory (about 19 KB each)
+
+
+METHODS = {
+    "finetune": "the backbone's last stage fine-tuned on synthetic re-photographs (InfoNCE)",
+    "head": "proxy softmax + margin, concat head",
+}
 
 
 class TuneError(ValueError):
@@ -160,57 +172,82 @@ def _evaluate(cfg, x, pids, cats, proj, queries, splits):
     }
 
 
+def _skip_reason(cfg: Config, model: dict, n: int, cats) -> str | None:
+    if cfg.method == "head":
+        return tuning.skip_reason(n, cats, cfg.min_images, cfg.min_per_label)
+    if model["model_id"] not in finetune.FINETUNABLE:
+        return f"fine-tuning supports {', '.join(finetune.FINETUNABLE)}, not {model['model_id']}"
+    if n < cfg.min_images:
+        return f"{n} images < {cfg.min_images} (too few to learn from and measure)"
+    if n > cfg.max_finetune_images:
+        return f"{n:,} images > {cfg.max_finetune_images:,} (feature maps are held in memory)"
+    return None
+
+
 def run(cfg: Config) -> dict:
     """Tune; returns the record (kept or not, why, measurements) and, when kept, the tuned
     embeddings dataset URI under "embeddings"."""
     started = time.time()
     if cfg.s3_endpoint:
         storage.configure(cfg.s3_endpoint)
+    if cfg.method not in METHODS:
+        raise TuneError(f"unknown --method {cfg.method!r}; known: {', '.join(METHODS)}")
     ds = embeddings.open_dataset(cfg.embeddings)
     model = ds.manifest.model
     if "head" in model:
         raise TuneError(f"{cfg.embeddings} was embedded with a head already: tune the backbone's")
     table, x, pids, cats = _load(ds, cfg.labels)
-    reason = tuning.skip_reason(len(x), cats, cfg.min_images, cfg.min_per_label)
+    reason = _skip_reason(cfg, model, len(x), cats)
     if reason:
         _say(f"skipped: {reason}; the untuned model is used")
-        return {"kept": False, "skipped": reason}
+        return {"kept": False, "skipped": reason, "method": cfg.method}
     splits = tuning.split_products(pids, seed=cfg.seed)
-    names, codes = np.unique(cats, return_inverse=True)
+    labels = "no labels" if cats is None else f"{len(set(cats))} {cfg.labels!r} labels"
     _say(
-        f"{len(x):,} images, {len(set(pids)):,} products, {len(names)} {cfg.labels!r} labels; "
+        f"{len(x):,} images, {len(set(pids)):,} products, {labels}; {cfg.method}: "
         + ", ".join(f"{s} {int((splits == s).sum()):,}" for s in tuning.SPLITS)
     )
-    work = cfg.work or f"{cfg.out.rstrip('/')}-work"
-    queries = _queries(cfg, table, pids, splits, model, work)
-    t_train = time.time()
-    proj = _train(cfg, x, codes, np.flatnonzero(splits == "train"), len(names))
-    train_s = time.time() - t_train
-    report = _evaluate(cfg, x, pids, cats, proj, queries, splits)
+    base = {
+        "method": cfg.method,
+        "labels": cfg.labels if cats is not None else None,
+        "classes": 0 if cats is None else len(set(cats)),
+        "images": int(len(x)),
+        "products": {s: int(len(set(pids[splits == s]))) for s in tuning.SPLITS},
+        "split": {"method": "sha256(seed:product_id)", "seed": cfg.seed, "shares": [0.6, 0.2, 0.2]},
+    }  # fmt: skip
+    if cfg.method == "finetune":
+        return _finetune(cfg, ds, (table, pids, cats, splits), base, started)
+    return _head(cfg, ds, (table, x, pids, cats, splits), base, started)
+
+
+def _decided(cfg: Config, report: dict, base: dict, train_s: float) -> dict:
     kept, why = tuning.decide(
         report["untuned"]["test"], report["tuned"]["test"], cfg.max_instance_drop
     )
     for level in ("untuned", "tuned"):
         _say(f"{level} on test products: {report[level]['test']}; train: {report[level]['train']}")
-    record = {
-        "kept": kept,
-        "decision": why,
-        "labels": cfg.labels,
-        "classes": int(len(names)),
-        "images": int(len(x)),
-        "products": {s: int(len(set(pids[splits == s]))) for s in tuning.SPLITS},
-        "split": {"method": "sha256(seed:product_id)", "seed": cfg.seed, "shares": [0.6, 0.2, 0.2]},
-        "queries": int(len(queries[0])),
-        "trained": {"method": "proxy softmax + margin, concat head", "epochs": cfg.epochs,
-                    "dim": cfg.dim, "hidden": cfg.hidden, "margin": cfg.margin},
-        "train_s": round(train_s, 1),
-        **report,
-    }  # fmt: skip
-    _say(f"{'kept' if kept else 'not kept'}: {why} (mix {report['mix']})")
-    if not kept and not cfg.write_rejected:
+    _say(f"{'kept' if kept else 'not kept'}: {why}")
+    return {"kept": kept, "decision": why, **base, "train_s": round(train_s, 1), **report}
+
+
+def _head(cfg: Config, ds, data, base: dict, started: float) -> dict:
+    """The concat head: a label projection trained on frozen vectors, next to the backbone's."""
+    table, x, pids, cats, splits = data
+    model = ds.manifest.model
+    names, codes = np.unique(cats, return_inverse=True)
+    work = cfg.work or f"{cfg.out.rstrip('/')}-work"
+    queries = _queries(cfg, table, pids, splits, model, work)
+    t_train = time.time()
+    proj = _train(cfg, x, codes, np.flatnonzero(splits == "train"), len(names))
+    report = _evaluate(cfg, x, pids, cats, proj, queries, splits)
+    record = _decided(cfg, report, base, time.time() - t_train)
+    record["queries"] = int(len(queries[0]))
+    record["trained"] = {"method": METHODS["head"], "epochs": cfg.epochs, "dim": cfg.dim,
+                         "hidden": cfg.hidden, "margin": cfg.margin}  # fmt: skip
+    if not record["kept"] and not cfg.write_rejected:
         record["seconds"] = round(time.time() - started, 1)
         return record
-    if cfg.refit and kept:
+    if cfg.refit and record["kept"]:
         t_refit = time.time()
         proj = _train(cfg, x, codes, np.arange(len(x)), len(names))
         record["refit_s"] = round(time.time() - t_refit, 1)
@@ -227,6 +264,82 @@ def run(cfg: Config) -> dict:
     return {**record, "head": uri, "embeddings": cfg.out}
 
 
+def _photo(data: bytes, params: dict | None, pre: images.Preprocess) -> np.ndarray:
+    """A catalog photo as the embed job sees it, or a synthetic re-photograph of it."""
+    if params is not None:
+        img, _ = make_queries.augment(images.decode(data), params)
+        data = make_queries.encode_jpeg(img, params["jpeg_quality"])
+    return images.load(data, pre)
+
+
+def _held_out(cfg: Config, pids: np.ndarray, splits: np.ndarray) -> dict[str, np.ndarray]:
+    """Per split, one catalog row of each of up to eval_products products (seeded pick)."""
+    rng, out = np.random.default_rng(cfg.seed), {}
+    for s in tuning.SPLITS:
+        rows = rng.permutation(np.flatnonzero(splits == s))
+        _, first = np.unique(pids[rows], return_index=True)
+        out[s] = np.sort(rng.permutation(rows[first])[: cfg.eval_products])
+    return out
+
+
+def _finetune(cfg: Config, ds, data, base: dict, started: float) -> dict:
+    """The backbone's last stage trained on re-photographs of the train products (finetune.py);
+    the epoch is chosen on validation queries, the decision made on test queries."""
+    table, pids, cats, splits = data
+    model = ds.manifest.model
+    settings = finetune.Settings(epochs=cfg.finetune_epochs, seed=cfg.seed)
+    mode = model["preprocess"]["mode"]
+    emb = embedders.create(model["model_id"], cfg.weights, preprocess_mode=mode)
+    tail, pre = finetune.Tail(emb, settings.at), emb.preprocess
+    sources = [storage.read_bytes(u) for u in table["image_uri"].to_pylist()]
+    rng = np.random.default_rng(cfg.seed)
+    view_rows = np.repeat(np.flatnonzero(splits == "train"), cfg.views)
+    queries = _held_out(cfg, pids, splits)
+
+    def maps(rows: np.ndarray, profile: str | None) -> object:
+        params = [profile and make_queries.draw_params(rng, profile) for _ in rows]
+        return tail.trunk_maps(lambda j: _photo(sources[rows[j]], params[j], pre), len(rows), _say)
+
+    catalog_maps = maps(np.arange(len(sources)), None)
+    query_maps = {s: maps(rows, "query") for s, rows in queries.items()}
+    view_maps = maps(view_rows, "query")
+
+    def measure(split: str, catalog_vectors: np.ndarray | None = None) -> dict:
+        g = tail.vectors(catalog_maps) if catalog_vectors is None else catalog_vectors
+        q = tail.vectors(query_maps[split])
+        rows = np.flatnonzero(splits == split)
+        return tuning.measure(g, pids, cats, q, pids[queries[split]], rows)
+
+    untuned = {s: measure(s) for s in tuning.SPLITS}
+    t_train = time.time()
+    history = finetune.train(
+        tail, view_maps, view_rows, catalog_maps,
+        lambda _: measure("val")["instance_r1"], settings, _say,
+    )  # fmt: skip
+    train_s = time.time() - t_train
+    vectors = tail.vectors(catalog_maps)
+    report = {"untuned": untuned, "tuned": {s: measure(s, vectors) for s in tuning.SPLITS},
+              "history": history}  # fmt: skip
+    record = _decided(cfg, report, base, train_s)
+    record["queries"] = int(sum(len(r) for r in queries.values()))
+    record["trained"] = {"method": METHODS["finetune"], "from_block": settings.at,
+                         "views": int(len(view_rows)), "epochs": settings.epochs,
+                         "lr": settings.lr, "temperature": settings.temperature,
+                         "keep": settings.keep, "device": str(tail.device)}  # fmt: skip
+    record["seconds"] = round(time.time() - started, 1)
+    if not record["kept"] and not cfg.write_rejected:
+        return record
+    blob = tail.weights_bytes()
+    name = f"backbone-{hashlib.sha256(blob).hexdigest()[:16]}.pt"
+    uri = storage.join(cfg.index_root, "models", name)
+    storage.write_bytes(uri, blob)
+    tuned = embedders.describe(model["model_id"], uri, False, mode)
+    tuned.update(weights_uri=uri, tuning=record)
+    embeddings.replace_vectors(ds, cfg.out, vectors, tuned)
+    _say(f"weights {uri}; tuned vectors -> {cfg.out} in {record['seconds']}s")
+    return {**record, "weights": uri, "embeddings": cfg.out}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     p.add_argument("--embeddings", required=True, help="backbone embeddings dataset URI")
@@ -237,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-products", type=int, default=Config.eval_products)
     p.add_argument("--epochs", type=int, default=Config.epochs)
     p.add_argument("--seed", type=int, default=Config.seed)
+    p.add_argument("--method", choices=sorted(METHODS), default=Config.method)
+    p.add_argument("--views", type=int, default=Config.views, help="finetune: views per photo")
+    p.add_argument("--finetune-epochs", type=int, default=Config.finetune_epochs)
     cli.add_s3_endpoint(p)
     return p
 

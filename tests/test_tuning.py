@@ -118,7 +118,7 @@ def small(cfg: tune.Config, **changes) -> tune.Config:
 def test_tune_measures_decides_and_records(shop, tmp_path, monkeypatch):
     root, catalog = shop
     index_root, work = str(tmp_path / "index"), str(tmp_path / "emb")
-    cfg = small(tune.Config(work, index_root, work + "-tuned"), refit=False)
+    cfg = small(tune.Config(work, index_root, work + "-tuned"), refit=False, method="head")
     embed.run(embed.Config(catalog=catalog, out=work))
     # The real decision is taken and recorded; the kept path is then forced, so both run.
     real, decisions = tuning.decide, []
@@ -153,19 +153,52 @@ def test_tune_measures_decides_and_records(shop, tmp_path, monkeypatch):
     np.testing.assert_allclose(embedder.embed(pixels), ds.vectors(table), atol=2e-4)
 
 
+def test_finetune_measures_decides_and_records(shop, tmp_path, monkeypatch):
+    """The default method: the backbone's last stage trained on re-photographs; kept, its
+    weights file is what the service loads, and the tuned vectors are that model's."""
+    _, catalog = shop
+    index_root, work = str(tmp_path / "index"), str(tmp_path / "emb")
+    cfg = small(tune.Config(work, index_root, work + "-tuned"), finetune_epochs=2)
+    embed.run(embed.Config(catalog=catalog, out=work))
+    monkeypatch.setattr(tuning, "decide", lambda *a: (False, "forced: not kept"))
+    record = tune.run(cfg)
+    assert record["method"] == "finetune" and not record["kept"]
+    assert not storage.exists(storage.join(index_root, "models")) and "embeddings" not in record
+    assert [h["epoch"] for h in record["history"]] == [0, 1, 2]
+    # epoch 0 is the frozen model: its validation figure is the untuned one
+    assert record["history"][0]["val_r1"] == record["untuned"]["val"]["instance_r1"]
+    assert record["trained"]["views"] == 2 * record["products"]["train"]  # one photo each
+
+    monkeypatch.setattr(tuning, "decide", lambda *a: (True, "forced: kept"))
+    record = tune.run(cfg)
+    assert record["kept"] and record["weights"].startswith(storage.join(index_root, "models"))
+    ds = embeddings.open_dataset(record["embeddings"])
+    model = ds.manifest.model
+    assert model["weights_uri"] == record["weights"] and model["tuning"]["decision"]
+    assert model["weights"] != embeddings.open_dataset(work).manifest.model["weights"]
+    assert ds.dim == 1280 and ds.count == N
+    embedder = embedders.from_model_dict(model)  # the query path: weights from the manifest
+    table = ds.read_range(0, 4)
+    uris = table["image_uri"].to_pylist()
+    pixels = np.stack([images.load(storage.read_bytes(u), embedder.preprocess) for u in uris])
+    np.testing.assert_allclose(embedder.embed(pixels), ds.vectors(table), atol=5e-3)
+
+
 def test_reindex_tunes_by_default_and_no_tune_keeps_the_backbone(shop, tmp_path, monkeypatch):
     _, catalog = shop
     monkeypatch.setattr(tuning, "decide", lambda *a, **k: (True, "forced for the test"))
     monkeypatch.setattr(reindex, "tune_config", lambda args, work: small(
-        tune.Config(work, args.index_root, f"{work}-tuned", labels=args.tune_labels), refit=False
+        tune.Config(work, args.index_root, f"{work}-tuned", labels=args.tune_labels),
+        finetune_epochs=1,
     ))  # fmt: skip
     tuned_root, plain_root = str(tmp_path / "tuned"), str(tmp_path / "plain")
     assert reindex.main(["--catalog", catalog, "--index-root", tuned_root]) == 0
     manifest = versions.open_version(tuned_root).manifest
-    assert manifest.model["head"]["tuning"]["kept"] and manifest.dim == 1280 + 256
+    assert manifest.model["tuning"]["kept"] and manifest.model["weights_uri"]
     assert reindex.main(["--catalog", catalog, "--index-root", plain_root, "--no-tune"]) == 0
     plain = versions.open_version(plain_root).manifest
-    assert "head" not in plain.model and plain.dim == 1280
+    assert "tuning" not in plain.model and "weights_uri" not in plain.model
+    assert plain.model["weights"] != manifest.model["weights"]
     with open(os.path.join(tuned_root, "CURRENT")) as f:
         assert f.read().strip() == manifest.version
 

@@ -57,9 +57,13 @@ class Embedder:
         self._mean = torch.tensor(mean, device=device).view(shape) * 255.0
         self._std = torch.tensor(std, device=device).view(shape) * 255.0
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (n, size, size, 3) -> the model's normalised float input on its device."""
         x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+        return ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalise(x)
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.float16):
                 return self.net(x).float()
@@ -296,9 +300,11 @@ def describe(
 
 def from_model_dict(model: dict, weights: str | None = None, device: str | None = None) -> Embedder:
     """The embedder a manifest's `model` entry describes (the index's own model, for queries);
-    refuses weights other than the ones the catalog vectors were made with."""
+    refuses weights other than the ones the catalog vectors were made with. Weights the
+    re-index's tuning stage made are named by the entry's `weights_uri`."""
     mode = model.get("preprocess", {}).get("mode", "pad")
     head = model.get("head")
+    weights = weights or model.get("weights_uri")
     embedder = create(
         model["model_id"], weights, device, preprocess_mode=mode, head=head and head["uri"]
     )

@@ -155,3 +155,17 @@ def project(ds: Dataset, out: str, fn: Callable[[np.ndarray], np.ndarray], model
     manifest = dataclasses.replace(ds.manifest, model=model, timings=timings)
     manifest.write(out)
     return open_dataset(out)
+
+
+def replace_vectors(ds: Dataset, out: str, vectors: np.ndarray, model: dict) -> Dataset:
+    """`project` with new vectors given for every row, in read order (read_range(0, count))."""
+    if len(vectors) != ds.count:
+        raise ValueError(f"{len(vectors)} vectors for a dataset of {ds.count} rows")
+    done = 0
+
+    def take(v: np.ndarray) -> np.ndarray:
+        nonlocal done
+        done += len(v)
+        return np.asarray(vectors[done - len(v) : done], np.float32)
+
+    return project(ds, out, take, model)

@@ -91,15 +91,17 @@ def category_precision(gallery: np.ndarray, pids, labels, rows: np.ndarray, k: i
 
 
 def measure(gallery, pids, labels, queries, query_pids, rows) -> dict[str, float]:
-    """Instance recall@1/@10 of `queries` and category precision@10 of gallery `rows`."""
+    """Instance recall@1/@10 of `queries` and category precision@10 of gallery `rows` (when
+    there are labels)."""
     out = instance_recall(gallery, pids, queries, query_pids)
-    out["category_p10"] = category_precision(gallery, pids, labels, rows)
+    if labels is not None:
+        out["category_p10"] = category_precision(gallery, pids, labels, rows)
     return {k: round(v, 4) for k, v in out.items()}
 
 
 def objective(m: dict[str, float]) -> float:
     """What the mix is chosen for: the shopper's two questions weigh the same."""
-    return m["instance_r1"] + m["category_p10"]
+    return m["instance_r1"] + m.get("category_p10", 0.0)
 
 
 def choose_mix(untuned: dict, by_mix: dict[float, dict], max_instance_drop: float) -> float:
