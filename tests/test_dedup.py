@@ -126,6 +126,28 @@ def test_pr_curve_and_threshold():
     assert dedup.choose_threshold(curve, 0.99)["threshold"] == 0.96
 
 
+def test_load_groups_refuses_malformed_output(tmp_path):
+    """What the service reads: a complete output with GROUPS_SCHEMA's columns, else an error
+    (the ingress logs it and serves without groups)."""
+    out = str(tmp_path)
+    good = dedup.groups_table(dedup.groups_from_edges([(0, 1, 0.98)], ["a", "b"]))
+    pq.write_table(good, tmp_path / "groups.parquet")
+    with pytest.raises(dedup.DedupError, match="no manifest.json"):
+        dedup.load_groups(out)
+    (tmp_path / "manifest.json").write_text("{}")
+    g = dedup.load_groups(out)
+    assert g.group_of == {"a": 0, "b": 0} and g.duplicates("b") == [("a", 1.0)]
+    nulls = pa.table({"product_id": pa.array(["a", None]), "group_id": pa.array([0, 0]),
+                      "score": pa.array([1.0, 0.9], pa.float32())})  # fmt: skip
+    for bad in (good.drop_columns(["score"]), good.set_column(1, "group_id", good["score"]), nulls):
+        pq.write_table(bad, tmp_path / "groups.parquet")
+        with pytest.raises(dedup.DedupError, match="needs a column"):
+            dedup.load_groups(out)
+    (tmp_path / "groups.parquet").write_bytes(b"not parquet")
+    with pytest.raises(storage.StorageError):
+        dedup.load_groups(out)
+
+
 # --------------------------------------------------------------------------- end to end
 
 

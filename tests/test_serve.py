@@ -8,6 +8,8 @@ with rerank=0), similar products, product images, every error status with its JS
 garbage input never giving a 500, deterministic overload (503), health and version endpoints, a
 hot reload to a new version with zero failed queries, and the web page. One catalog photo
 (BROKEN) is made unreadable once indexed: its product is still found, verified with 0 inliers.
+Near-duplicates (Contract 6): two products (TWINS) share one photo; jobs/dedup.py groups the
+first version's products before the app starts, for collapse=true and /products/{id}/duplicates.
 
 Logical CPU reservations: build_index's tasks ask for 1 CPU each, so the Serve replicas here
 reserve 0.9 of the 2 logical CPUs in all, which leaves room to build the second version
@@ -37,7 +39,8 @@ from PIL import Image
 from ports import free_port
 
 from jobs import build_index, embed
-from visual_search import __version__, embedders, embeddings, heads, versions
+from jobs import dedup as dedup_job
+from visual_search import __version__, dedup, embedders, embeddings, heads, versions
 
 API_KEY = "test-key"
 KEY_ENV = "VISUAL_SEARCH_API_KEY"
@@ -45,6 +48,7 @@ N_PRODUCTS = 40
 RARE = ("p037", "p038", "p039")
 TWO_PHOTOS = "p000"
 BROKEN = "p028"  # its photo (a JPEG) is truncated on disk after indexing
+TWINS = ("p030", "p031")  # the same photo, listed as two products: one near-duplicate group
 RERANK = 10  # AppArgs' default
 SIZE = (160, 120)
 MAX_UPLOAD = 300_000
@@ -63,7 +67,7 @@ def _make_catalog(root) -> dict[str, bytes]:
     for i in range(N_PRODUCTS):
         pid = f"p{i:03d}"
         name = f"{pid}.png" if i % 5 == 4 else f"{pid}.jpg"
-        img = draw_product(i, SIZE)
+        img = draw_product(30 if pid == TWINS[1] else i, SIZE)
         if name.endswith(".png"):
             img.save(root / name)
         else:
@@ -142,6 +146,7 @@ def svc(tmp_path_factory):
         manifest = build_index.run(
             build_index.Config(embeddings=work, index_root=index_root, shards=SHARDS)
         )
+        dedup_job.run(dedup_job.Config(index_root=index_root))  # the default threshold
         broken = root / f"{BROKEN}.jpg"
         broken.write_bytes(files[broken.name][:200])
         port = free_port()
@@ -573,6 +578,93 @@ def test_similar_products(svc):
     assert_error(svc.get("/products/p010/similar", params={"k": 0}), 400, "bad_request")
 
 
+# ------------------------------------------------------------------------ near-duplicates
+
+ALL = [f"p{i:03d}" for i in range(N_PRODUCTS)]
+
+
+def first_groups(svc) -> dedup.Groups:
+    """The groups jobs/dedup.py wrote for the first version (the fixture ran it)."""
+    return dedup.load_groups(dedup.output_root(svc.index_root, svc.first_version))
+
+
+def group_keys(body: dict, groups: dedup.Groups) -> list:
+    return [groups.group_of.get(p, p) for p in pids(body)]
+
+
+def test_dedup_job_groups_the_twins_and_the_service_loads_them(svc):
+    groups = first_groups(svc)
+    gid = groups.group_of[TWINS[0]]
+    assert {p for p, _ in groups.members[gid]} == set(TWINS)
+    assert svc.get("/version").json()["groups"] == len(groups.members)
+
+
+def test_collapse_keeps_one_product_per_group(svc):
+    groups = first_groups(svc)
+    query = svc.files[f"{TWINS[0]}.jpg"]
+    plain = assert_answer(svc.search(query, k=5))
+    assert set(pids(plain)[:2]) == set(TWINS) and plain["collapsed"] is False
+    body = assert_answer(svc.search(query, k=5, collapse="true"))
+    assert body["collapsed"] is True and len(body["results"]) == 5
+    assert pids(body)[0] in TWINS and len(set(TWINS) & set(pids(body))) == 1
+    keys = group_keys(body, groups)
+    assert len(set(keys)) == len(keys)
+    # /similar (the item itself is never a result): k results while k groups remain, then all.
+    others = {groups.group_of.get(p, p) for p in ALL if p != "p000"}
+    params = {"k": N_PRODUCTS - 1}
+    plain = assert_answer(svc.get("/products/p000/similar", params=params))
+    assert set(TWINS) <= set(pids(plain)) and len(plain["results"]) == N_PRODUCTS - 1
+    for k in (5, N_PRODUCTS - 1):
+        body = assert_answer(svc.get("/products/p000/similar", params={"k": k, "collapse": 1}))
+        keys = group_keys(body, groups)
+        assert body["collapsed"] is True and len(keys) == len(set(keys)) == min(k, len(others))
+    assert set(group_keys(body, groups)) == others
+    # Text search too.
+    text = {"q": "product", "k": N_PRODUCTS, "collapse": "true"}
+    body = assert_text_answer(svc.get("/search", params=text))
+    assert body["collapsed"] is True and set(group_keys(body, groups)) == {
+        groups.group_of.get(p, p) for p in ALL
+    }
+    for path, method in (("/search", "POST"), ("/products/p000/similar", "GET")):
+        r = svc.request(method, path, params={"collapse": "maybe"}, data=query)
+        assert "collapse" in assert_error(r, 400, "bad_request")["message"]
+
+
+def test_duplicates_of_a_product(svc):
+    groups = first_groups(svc)
+    for me, twin in (TWINS, TWINS[::-1]):
+        r = svc.get(f"/products/{me}/duplicates")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == {"product_id", "group_id", "duplicates", "index_version"}
+        assert body["product_id"] == me and body["index_version"] == svc.first_version
+        assert body["group_id"] == groups.group_of[me] == groups.group_of[twin]
+        (row,) = body["duplicates"]  # the product itself is not listed
+        assert row["product_id"] == twin and row["title"] == f"Product {int(twin[1:])}"
+        assert row["category"] == "common" and row["image_uri"].endswith(f"{twin}.jpg")
+        assert row["score"] == pytest.approx(1.0, abs=1e-4)  # the same photo
+        assert svc.get(row["image_url"]).content == svc.files[f"{twin}.jpg"]
+    alone = next(p for p in ALL if p not in groups.group_of)
+    body = svc.get(f"/products/{alone}/duplicates").json()
+    assert body == {"product_id": alone, "group_id": None, "duplicates": [],
+                    "index_version": svc.first_version}  # fmt: skip
+    assert_error(svc.get("/products/nope/duplicates"), 404, "unknown_product")
+
+
+def test_openapi_describes_collapse_and_duplicates(svc):
+    spec = svc.get("/openapi.json").json()
+    (param,) = spec["paths"]["/products/{product_id}/duplicates"]["get"]["parameters"]
+    assert param["name"] == "product_id" and param["in"] == "path"
+    for path, method in (
+        ("/search", "post"),
+        ("/search", "get"),
+        ("/products/{product_id}/similar", "get"),
+    ):
+        params = {p["name"]: p for p in spec["paths"][path][method]["parameters"]}
+        assert params["collapse"]["schema"]["type"] == "boolean", (path, params)
+        assert "near-duplicate group" in params["collapse"]["description"]
+
+
 def test_product_image(svc):
     r = svc.get("/products/p005/image")
     assert r.status_code == 200, r.text[:300]
@@ -859,6 +951,39 @@ def test_reload_switches_to_a_retuned_head_without_a_redeploy(svc, tmp_path):
     assert svc.get("/version").json()["model"]["head"]["dim"] == 1296
     body = assert_answer(svc.search(svc.files["p007.jpg"]))
     assert pids(body)[0] == "p007" and body["index_version"] == manifest.version
+
+
+def test_reload_reads_the_live_versions_groups_anew(svc):
+    """A version without groups collapses nothing; a malformed dedup output is skipped (logged);
+    the dedup job run on the live version, then a reload, turns collapse on."""
+    live = svc.get("/readyz").json()["index_version"]
+    assert live != svc.first_version and svc.get("/version").json()["groups"] is None
+    query = svc.files[f"{TWINS[0]}.jpg"]
+
+    def collapsed() -> dict:
+        return assert_answer(svc.search(query, k=5, collapse="true"))
+
+    body = collapsed()
+    assert body["collapsed"] is False and set(pids(body)[:2]) == set(TWINS)
+    assert svc.get(f"/products/{TWINS[0]}/duplicates").json()["duplicates"] == []
+    out = pathlib.Path(dedup.output_root(svc.index_root, live))
+    out.mkdir(parents=True)
+    (out / "groups.parquet").write_bytes(b"not parquet")
+    (out / "manifest.json").write_text("{}")
+    r = svc.post("/admin/reload", headers={"X-API-Key": API_KEY})
+    assert r.status_code == 200 and r.json() == {
+        "status": "unchanged", "index_version": live, "groups": None
+    }, r.text  # fmt: skip
+    assert collapsed()["collapsed"] is False
+    summary = dedup_job.run(dedup_job.Config(index_root=svc.index_root))
+    assert summary["version"] == live
+    r = svc.post("/admin/reload", headers={"X-API-Key": API_KEY})
+    assert r.status_code == 200 and r.json()["groups"] == summary["groups"] >= 1, r.text
+    body = collapsed()
+    assert body["collapsed"] is True and len(body["results"]) == 5
+    assert len(set(TWINS) & set(pids(body))) == 1
+    (row,) = svc.get(f"/products/{TWINS[0]}/duplicates").json()["duplicates"]
+    assert row["product_id"] == TWINS[1]
 
 
 def test_reload_refuses_a_current_that_leaves_the_index_root(svc):

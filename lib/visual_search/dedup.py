@@ -292,10 +292,18 @@ def groups_from_table(table: pa.Table) -> Groups:
 
 
 def load_groups(out: str) -> Groups:
-    """Groups of a complete dedup output folder (manifest.json present), for the service."""
+    """Groups of a complete dedup output folder (manifest.json present), for the service;
+    DedupError when it is incomplete or its groups.parquet does not hold GROUPS_SCHEMA's
+    columns (nulls included)."""
     if not storage.exists(storage.join(out, "manifest.json")):
         raise DedupError(f"{out}: no manifest.json (dedup output missing or incomplete)")
-    return groups_from_table(storage.read_parquet(storage.join(out, "groups.parquet")))
+    uri = storage.join(out, "groups.parquet")
+    table = storage.read_parquet(uri)
+    for field in GROUPS_SCHEMA:
+        column = table.column(field.name) if field.name in table.column_names else None
+        if column is None or column.type != field.type or column.null_count:
+            raise DedupError(f"{uri}: needs a column {field.name} of {field.type} without nulls")
+    return groups_from_table(table)
 
 
 def output_root(index_root: str, version: str) -> str:

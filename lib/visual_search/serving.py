@@ -5,7 +5,9 @@ The ingress decodes uploads (CPU, off the event loop), embeds them in batches of
 queries (itself on CPU, or through the QueryEmbedder deployment), fans out to one searcher
 deployment per shard with asyncio.gather, merges with merge_topk and joins the docs. POST /search
 then re-ranks its top products by geometric verification (verify.py) against their catalog
-photos. Every query pins one index version end to end, so a reload never mixes two.
+photos. Every query pins one index version end to end, so a reload never mixes two. The
+version's near-duplicate groups (jobs/dedup.py's output, Contract 6), when there are any, serve
+collapse=true and GET /products/{id}/duplicates.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the endpoint types at run time.
@@ -25,6 +27,7 @@ from fastapi.responses import HTMLResponse
 from ray import serve
 
 from visual_search import (
+    dedup,
     embedders,
     fanout,
     filters,
@@ -56,6 +59,13 @@ FilterText = Annotated[
         description="field:value, field:v1|v2, field<N, field>N, field:lo..hi; comma = and",
     ),
 ]
+Collapse = Annotated[
+    bool,
+    Query(
+        description="at most one product per near-duplicate group (the best-scoring one), from "
+        "the live version's jobs/dedup.py groups; without them a no-op, answered collapsed=false",
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -80,12 +90,41 @@ class Settings:
 class _State:
     """What one query needs, swapped as a whole on reload."""
 
-    def __init__(self, version: versions.Version, docs: query.Docs, local=None):
+    def __init__(self, version: versions.Version, docs: query.Docs, local=None, groups=None):
         self.version = version
         self.docs = docs
         self.name = version.manifest.version
         self.filterable = filters.filterable_columns(docs.table)
         self.local = local  # the version's own model, when the ingress embeds (BatchedEmbedder)
+        self.groups: dedup.Groups | None = groups  # near-duplicate groups; None: not available
+
+    def with_groups(self, groups: dedup.Groups | None) -> "_State":
+        return _State(self.version, self.docs, self.local, groups)
+
+    @property
+    def group_count(self) -> int | None:
+        """How many near-duplicate groups are loaded (None: none for this version)."""
+        return None if self.groups is None else len(self.groups.members)
+
+
+def _load_groups(index_root: str, version: str) -> dedup.Groups | None:
+    """The version's near-duplicate groups at dedup.output_root; None when the dedup job has not
+    (fully) written them, or when they cannot be read (logged: collapse=true is then a no-op)."""
+    out = dedup.output_root(index_root, version)
+    try:
+        if not storage.exists(storage.join(out, "manifest.json")):
+            return None
+        return dedup.load_groups(out)
+    except (dedup.DedupError, storage.StorageError) as exc:
+        log.warning("version %s: near-duplicate groups not loaded: %s", version, exc)
+        return None
+
+
+def _with_image_urls(rows: list[dict]) -> list[dict]:
+    """query.results rows with the URL of their photo on this service."""
+    for row in rows:
+        row["image_url"] = f"/products/{row['product_id']}/image?id={row['id']}"
+    return rows
 
 
 def _parse_filter(state: _State, category: str | None, text: str | None):
@@ -147,7 +186,8 @@ class Ingress:
                 f"version {version.manifest.version} has {len(version.manifest.shards)} shards, "
                 f"the app serves {len(self.shards)}: redeploy with the new shard count",
             )
-        return _State(version, query.Docs.load(version), local)
+        groups = _load_groups(self.index_root, version.manifest.version)
+        return _State(version, query.Docs.load(version), local, groups)
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -192,9 +232,10 @@ class Ingress:
                 vector = await self.embedder.embed.remote(pixels)
         return np.asarray(vector, np.float32)[None], pixels
 
-    async def _search(self, state: _State, coverage, probe, k, flt, exclude, prefer):
+    async def _search(self, state: _State, coverage, probe, k, flt, exclude, prefer, group_of):
         """Results for `probe` (a query vector (1, d), or text for BM25) that pass `flt` (a
-        filters.Filter or None), or with `prefer`'s products first."""
+        filters.Filter or None), or with `prefer`'s products first; one per near-duplicate
+        group with `group_of` (product -> group), else one per product."""
         text = isinstance(probe, str)
 
         async def fan_out(width: int, preferred):
@@ -214,11 +255,9 @@ class Ingress:
                 raise ApiError(503, "unavailable", str(exc)) from exc
 
         metric = "ip" if text else state.version.manifest.metric  # BM25: higher is better
-        hits = await query.preferring_search(fan_out, metric, state.docs, k, exclude, prefer)
-        out = query.results(state.docs, hits)
-        for row in out:
-            row["image_url"] = f"/products/{row['product_id']}/image?id={row['id']}"
-        return out
+        args = (metric, state.docs, k, exclude, prefer, group_of)
+        hits = await query.preferring_search(fan_out, *args)
+        return _with_image_urls(query.results(state.docs, hits))
 
     async def _rerank(self, state: _State, results: list[dict], pixels: np.ndarray, n: int):
         """The top n results re-ranked by inliers between the query and each catalog photo."""
@@ -241,23 +280,32 @@ class Ingress:
         )
 
     async def _query(
-        self, response: Response, stage: Stages, query_of, k: int, where, exclude=None
+        self,
+        response: Response,
+        stage: Stages,
+        query_of,
+        k: int,
+        where,
+        exclude=None,
+        collapse=False,
     ) -> dict:
         """Admit, pin the current version, get the query (vector or text, the photo's pixels or
         None, the category to prefer or None), search among the items `where` = (category, filter
-        text) lets through; for a photo, re-rank the top products and predict its category."""
+        text) lets through (with `collapse`, one per near-duplicate group when the version has
+        groups); for a photo, re-rank the top products and predict its category."""
         coverage = fanout.Coverage(len(self.shards))
         async with self._admit("searching", self.settings.max_inflight):
             state = self.state
             metric = state.version.manifest.metric
             flt = _parse_filter(state, *where)
+            group_of = state.groups.group_of if collapse and state.groups else None
             probe, pixels, prefer = await query_of(state, stage)
             prefer = None if flt else prefer  # a filter makes the preference moot
             # The bonus is added to a cosine: an "l2" version (distances) is not re-ranked.
             rerank = self.settings.rerank if pixels is not None and metric == "ip" else 0
             with stage("search"):
                 width = max(k, rerank)
-                args = (probe, width, flt, exclude, prefer)
+                args = (probe, width, flt, exclude, prefer, group_of)
                 results = await self._search(state, coverage, *args)
             if rerank and results:
                 with stage("rerank"):
@@ -271,6 +319,7 @@ class Ingress:
             "took_ms": round(took, 2),
             "partial": coverage.partial,
             "coverage": coverage.as_dict(),
+            "collapsed": group_of is not None,
         }
         if pixels is not None:
             answer["predicted_category"] = verify.predicted_category(results, metric=metric)
@@ -288,6 +337,7 @@ class Ingress:
         k: TopK = 10,
         category: Category = None,
         filter_text: FilterText = None,
+        collapse: Collapse = False,
     ) -> dict:
         stage = Stages()
         data = await self._upload(request, stage)
@@ -296,7 +346,7 @@ class Ingress:
             return *await self._embed(state, data, stage), None
 
         where = (category, filter_text)
-        return await self._query(response, stage, upload_query, k, where)
+        return await self._query(response, stage, upload_query, k, where, collapse=collapse)
 
     @app.get("/search")
     async def text_search(
@@ -306,6 +356,7 @@ class Ingress:
         k: TopK = 10,
         category: Category = None,
         filter_text: FilterText = None,
+        collapse: Collapse = False,
     ) -> dict:
         """Products whose title and text metadata match q (BM25), best first."""
 
@@ -314,7 +365,8 @@ class Ingress:
                 raise ApiError(409, "no_text_index", f"version {state.name} has no text index")
             return q, None, None
 
-        return await self._query(response, Stages(), text_query, k, (category, filter_text))
+        where = (category, filter_text)
+        return await self._query(response, Stages(), text_query, k, where, collapse=collapse)
 
     @app.get("/products/{product_id:path}/similar")
     async def similar(
@@ -325,6 +377,7 @@ class Ingress:
         category: Category = None,
         same_category: bool = True,
         filter_text: FilterText = None,
+        collapse: Collapse = False,
     ) -> dict:
         """Nearest products; by default those of the item's own category (when the catalog has
         categories) come first, then the nearest others."""
@@ -343,7 +396,26 @@ class Ingress:
             return np.asarray(vector, np.float32)[None], None, own
 
         where = (category, filter_text)
-        return await self._query(response, Stages(), stored_vector, k, where, product_id)
+        args = (response, Stages(), stored_vector, k, where, product_id)
+        return await self._query(*args, collapse=collapse)
+
+    @app.get("/products/{product_id:path}/duplicates")
+    async def duplicates(self, product_id: str) -> dict:
+        """The other products of the item's near-duplicate group in the live version
+        (jobs/dedup.py), best first; each one's `score` is its similarity to the group's
+        representative (1.0 for the representative). group_id null and no duplicates: in no
+        group, or the version has no groups (GET /version: "groups" null)."""
+        state = self.state
+        self._first_id(state, product_id)  # 404 for an unknown product
+        groups = state.groups or dedup.Groups({}, {})
+        found = groups.duplicates(product_id)
+        hits = [(int(ids[0]), score) for pid, score in found if len(ids := state.docs.ids_of(pid))]
+        return {
+            "product_id": product_id,
+            "group_id": groups.group_of.get(product_id),
+            "duplicates": _with_image_urls(query.results(state.docs, hits)),
+            "index_version": state.name,
+        }
 
     @app.get("/products/{product_id:path}/image")
     async def product_image(self, product_id: str, id: int | None = None) -> Response:
@@ -387,6 +459,7 @@ class Ingress:
             "search_params": m.search_params,
             "shards": len(m.shards),
             "recall": {k: v for k, v in m.recall.items() if k != "curve"},
+            "groups": self.state.group_count,
         }
 
     @app.get("/", response_class=HTMLResponse)
@@ -402,17 +475,35 @@ class Ingress:
             previous = self.state.name
             try:
                 target = versions.current(self.index_root)
-                if target is None or target == previous:
-                    return {"status": "unchanged", "index_version": previous}
-                version = versions.open_version(self.index_root, target)
+                same = target is None or target == previous
+                version = None if same else versions.open_version(self.index_root, target)
             except (ValueError, OSError) as exc:  # a corrupt CURRENT or manifest: keep serving
                 raise ApiError(409, "bad_version", f"cannot switch: {exc}") from exc
+            if version is None:
+                return await self._regroup()
             local = await self._local_for(version.manifest.model)
             # Warm every shard before switching, so no query waits on a load.
             await asyncio.gather(*(s.prepare.remote(target) for s in self.shards))
             self.state = await asyncio.to_thread(self._load, version, local)
             log.info("reloaded index %s -> %s", previous, target)
-            return {"status": "reloaded", "index_version": target, "previous": previous}
+            return {
+                "status": "reloaded",
+                "index_version": target,
+                "previous": previous,
+                "groups": self.state.group_count,
+            }
+
+    async def _regroup(self) -> dict:
+        """The live version again, with its near-duplicate groups read anew (the dedup job may
+        have written them since it was loaded)."""
+        state = self.state
+        groups = await asyncio.to_thread(_load_groups, self.index_root, state.name)
+        self.state = state.with_groups(groups)
+        return {
+            "status": "unchanged",
+            "index_version": state.name,
+            "groups": self.state.group_count,
+        }
 
     async def _local_for(self, model: dict):
         """The embedder for a version's model: the live one when the model is the same; a new
