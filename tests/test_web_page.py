@@ -266,3 +266,149 @@ def test_non_image_upload_shows_error_and_clears_results(browser, app_url, catal
     shot = tmp_path / "error.png"
     assert browser.save_screenshot(str(shot)), shot
     print(f"screenshot: {shot}")
+
+
+# ------------------------------------------------------------ text search, filters, coverage
+
+
+def _type(driver, element_id: str, text: str) -> None:
+    box = driver.find_element("id", element_id)
+    box.clear()
+    if text:
+        box.send_keys(text)
+
+
+def _text_search(driver, words: str) -> None:
+    """Type words in the text box and submit it with Enter, as a person would."""
+    from selenium.webdriver.common.keys import Keys
+
+    _type(driver, "q", words)
+    driver.find_element("id", "q").send_keys(Keys.ENTER)
+
+
+def _requests_to(driver, fragment: str) -> int:
+    """How many requests the page has sent whose URL contains fragment."""
+    return driver.execute_script(
+        "return performance.getEntriesByType('resource')"
+        ".filter(e => e.name.includes(arguments[0])).length;",
+        fragment,
+    )
+
+
+def _error_status(driver):
+    return _wait(
+        driver,
+        lambda d: (s := d.find_element("id", "status")).get_attribute("class") == "error" and s,
+        "the error status line",
+    )
+
+
+def _answer(driver, count: int, what: str) -> list[dict]:
+    """Wait until the status line reports `count` results; the cards then."""
+    _wait(
+        driver,
+        lambda d: d.find_element("id", "status").text.startswith(f"{count} results in"),
+        what,
+    )
+    cards = _cards(driver)
+    assert len(cards) == count, cards
+    return cards
+
+
+def test_text_search_shows_cards_for_a_title_word(browser, app_url, catalog):
+    url, manifest = app_url
+    _, rows = catalog
+    bags = {r["product_id"] for r in rows if "bags" in r["title"]}
+    _open(browser, url)
+
+    _text_search(browser, "bags")
+    cards = _answer(browser, len(bags), "the text search's cards")
+    status = browser.find_element("id", "status")
+    assert status.get_attribute("class") == "", _diagnostics(browser)
+    assert f"index {manifest.version}" in status.text and "“bags”" in status.text, status.text
+    assert {c["pid"] for c in cards} == bags, cards
+    assert all("bags" in c["title"] and c["src"].startswith("/products/") for c in cards), cards
+    answer = requests.get(url + "search", params={"q": "bags"}, timeout=WAIT_S).json()
+    assert [c["pid"] for c in cards] == [r["product_id"] for r in answer["results"]], answer
+    assert answer["coverage"] == {"shards": 2, "of": 2} and not answer["partial"], answer
+    assert not browser.find_element("id", "coverage").is_displayed()  # every shard answered
+    assert browser.find_element("id", "predicted").text == ""  # text answers predict nothing
+
+    # Empty or too long text: a message on the page, and no request at all.
+    sent = _requests_to(browser, "search?")
+    _text_search(browser, "   ")
+    assert "Type one or more words" in _error_status(browser).text
+    assert browser.find_elements("css selector", ".card") == []
+    browser.execute_script("document.getElementById('q').value = 'w'.repeat(501)")
+    browser.find_element("css selector", "#text-form button").click()
+    _wait(browser, lambda d: "at most 500" in d.find_element("id", "status").text, "too long")
+    assert "501 characters" in browser.find_element("id", "status").text
+    assert _requests_to(browser, "search?") == sent
+
+
+def test_malformed_filter_shows_the_server_message(browser, app_url, catalog):
+    url, _ = app_url
+    root, rows = catalog
+    _open(browser, url)
+    for bad, search in (
+        ("colour:red", lambda: _text_search(browser, "widget")),
+        ("category<5", lambda: _upload(browser, root / rows[1]["image_uri"])),
+    ):
+        _type(browser, "filter", bad)
+        search()
+        status = _error_status(browser)
+        answer = requests.get(url + "search", params={"q": "widget", "filter": bad}, timeout=WAIT_S)
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert status.text == f"{error['code']}: {error['message']}", (status.text, error)
+        assert repr(bad.split(":")[0].split("<")[0]) in error["message"], error
+        assert browser.find_elements("css selector", ".card") == []
+        _open(browser, url)  # a fresh page: the next bad filter must be the one shown
+
+
+def test_filter_restricts_results_to_a_category(browser, app_url, catalog):
+    url, _ = app_url
+    root, rows = catalog
+    by_category = {c: {r["product_id"] for r in rows if r["category"] == c} for c in CATEGORIES}
+    _open(browser, url)
+
+    # A photo of a bag, searched among hats only.
+    photo = next(r for r in rows if r["category"] == "bags")
+    _type(browser, "filter", "category:hats")
+    _upload(browser, root / photo["image_uri"])
+    cards = _answer(browser, len(by_category["hats"]), "the filtered photo search")
+    assert {c["pid"] for c in cards} == by_category["hats"], cards
+    assert all("(hats)" in c["title"] for c in cards), cards
+
+    # "similar" on a hat, among shoes only: the filter applies to the click too.
+    _type(browser, "filter", "category:shoes")
+    hat = cards[0]
+    browser.find_element(
+        "css selector", f'.card[data-product-id="{hat["pid"]}"] button.similar'
+    ).click()
+    _wait(browser, lambda d: "similar to" in d.find_element("id", "status").text, "similar")
+    cards = _answer(browser, len(by_category["shoes"]), "the filtered similar products")
+    assert {c["pid"] for c in cards} == by_category["shoes"], cards
+
+    # Words matching every title, among bags only (the "any of" syntax; no item is "nothing").
+    _type(browser, "filter", "category:bags|nothing")
+    _text_search(browser, "widget")
+    _wait(browser, lambda d: "“widget”" in d.find_element("id", "status").text, "text search")
+    cards = _answer(browser, len(by_category["bags"]), "the filtered text search")
+    assert {c["pid"] for c in cards} == by_category["bags"], cards
+
+
+def test_partial_answer_shows_a_coverage_notice(browser, app_url):
+    """The page's own render() given a real answer marked partial (one shard left out): the
+    service makes such answers only when a shard fails, which this module's app never does."""
+    url, _ = app_url
+    _open(browser, url)
+    answer = requests.get(url + "search", params={"q": "widget"}, timeout=WAIT_S).json()
+    assert answer["partial"] is False, answer
+    browser.execute_script("render(arguments[0], '')", answer)
+    assert not browser.find_element("id", "coverage").is_displayed()
+    answer["partial"], answer["coverage"] = True, {"shards": 1, "of": 2}
+    browser.execute_script("render(arguments[0], '')", answer)
+    notice = browser.find_element("id", "coverage")
+    assert notice.is_displayed() and "1 of 2 shards answered" in notice.text, notice.text
+    assert len(_cards(browser)) == len(answer["results"])
