@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs import cli
 from visual_search import cluster, dedup, dedup_report, query, storage, versions
 
 # bench/dedup.py --calibrate on products-dev (1,000 products + 200 copies, efficientnet_lite0_gem):
@@ -227,7 +228,7 @@ def run(cfg: Config, curve: list[dict] | None = None) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--index-root", required=True, help="index root URI (versions/, CURRENT)")
     p.add_argument("--version", help="version to dedup (default: the one CURRENT names)")
     p.add_argument("--out", help="output folder (default: {index_root}/dedup/{version})")
@@ -236,29 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mutual-k", type=int, default=Config.mutual_k, help=argparse.SUPPRESS)
     p.add_argument("--since", help="a previous dedup output to reuse (default: the newest)")
     p.add_argument("--full", action="store_true", help="query every item, reuse nothing")
-    p.add_argument("--s3-endpoint", help=f"S3-compatible endpoint (or ${storage.ENDPOINT_ENV})")
+    cli.add_s3_endpoint(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = Config(
-        index_root=args.index_root,
-        version=args.version,
-        out=args.out,
-        threshold=args.threshold,
-        k=args.k,
-        mutual_k=args.mutual_k,
-        since=args.since,
-        full=args.full,
-        s3_endpoint=args.s3_endpoint,
-    )
-    try:
-        run(cfg)
-    except (dedup.DedupError, storage.StorageError, ValueError) as exc:
-        print(f"[dedup] error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return cli.exit_code("dedup", lambda: run(cli.config(Config, args)), (dedup.DedupError,))
 
 
 if __name__ == "__main__":

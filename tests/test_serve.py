@@ -250,22 +250,9 @@ def rotated_cropped(data: bytes, degrees: float) -> bytes:
 
 def raw_exchange(port: int, payload: bytes, timeout: float = 30) -> bytes:
     """Send raw bytes; return the server's first answer (head and body, at most 64 KiB)."""
-    buf = b""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(payload)
-        for _ in range(64):
-            try:
-                chunk = s.recv(4096)
-            except (ConnectionResetError, TimeoutError):
-                break
-            buf += chunk
-            head, sep, body = buf.partition(b"\r\n\r\n")
-            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-            if not chunk or (sep and length and len(body) >= int(length.group(1))):
-                break
-            if len(buf) > 65536:
-                break
-    return buf
+        return _answer_of(s, timeout)
 
 
 def poll(check, timeout: float, interval: float = 0.2, attempts: int = 200):
@@ -1016,10 +1003,10 @@ def _answer_of(s: socket.socket, timeout: float) -> bytes:
     """The head and body of the server's answer (b"" when none came within timeout)."""
     s.settimeout(timeout)
     buf = b""
-    for _ in range(16):
+    for _ in range(16):  # at most 64 KiB
         try:
             chunk = s.recv(4096)
-        except TimeoutError:
+        except (ConnectionResetError, TimeoutError):
             break
         buf += chunk
         head, sep, body = buf.partition(b"\r\n\r\n")
