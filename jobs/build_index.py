@@ -13,12 +13,14 @@ A failure before CURRENT moves leaves the previous version live.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 import pyarrow as pa
 
@@ -57,6 +59,10 @@ class Config:
     text: bool = True  # BM25 text indexes of the docs (GET /search?q=)
     gpus: int | None = None  # >0: train the template on a GPU (default: if the cluster has one)
     s3_endpoint: str | None = None
+    # A trained template (a version's template.faiss) to fill instead of training one
+    template: str | None = None
+    # The update log position the catalog snapshot reflects (updates.Position.as_dict())
+    updates_through: dict | None = None
 
 
 def _say(msg: str) -> None:
@@ -110,6 +116,8 @@ def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> Ind
     n, d = dataset.count, dataset.dim
     if n < cfg.shards:
         raise BuildError(f"{n} vectors cannot fill {cfg.shards} shards")
+    if cfg.template and cfg.factory == "auto":
+        raise BuildError("a reused --template needs the factory it was made with (--factory)")
     factory = (
         index.choose_factory(n, d, cfg.memory_budget) if cfg.factory == "auto" else cfg.factory
     )
@@ -124,10 +132,19 @@ def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> Ind
     env = cluster.runtime_env()
     gpus = 1 if devices.cluster_gpus(cfg.gpus) > 0 else 0
     t0 = time.monotonic()
-    train = ray.remote(train_template).options(num_gpus=gpus, runtime_env=env)
-    template = ray.put(ray.get(train.remote(dataset, factory, cfg.metric, train_ids, None)))
+    if cfg.template:
+        trained = storage.read_bytes(cfg.template)
+        _check_template(trained, d, cfg.metric, cfg.template)
+        grid = index.param_grid(index.from_bytes(trained))
+        _say(f"reusing the trained template {cfg.template} ({factory})")
+    else:
+        train = ray.remote(train_template).options(num_gpus=gpus, runtime_env=env)
+        trained = ray.get(train.remote(dataset, factory, cfg.metric, train_ids, None))
+    template = ray.put(trained)
+    template_record = _write_template(root, trained)
     t_train = time.monotonic() - t0
-    _say(f"template trained on {len(train_ids):,} vectors in {t_train:.1f}s")
+    if not cfg.template:
+        _say(f"template trained on {len(train_ids):,} vectors in {t_train:.1f}s")
 
     bounds = np.linspace(0, n, cfg.shards + 1).astype(np.int64)
     fill = ray.remote(fill_shard).options(runtime_env=env)
@@ -197,6 +214,8 @@ def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> Ind
         },
         filterable=filterable,
         text=text,
+        template=template_record,
+        updates_through=cfg.updates_through,
     )
     manifest.write(root)  # last in the version folder: the version is complete
     if gate is not None:
@@ -207,6 +226,27 @@ def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> Ind
             raise
     publish(cfg, root, manifest)
     return manifest
+
+
+TEMPLATE_FILE = "template.faiss"
+
+
+def _write_template(root: str, trained: bytes) -> dict:
+    """The trained, empty template in the version (the service fills live updates into copies
+    of it; compaction and incremental re-indexes reuse it)."""
+    uri = storage.join(root, TEMPLATE_FILE)
+    storage.write_bytes(uri, trained)
+    return {"file": TEMPLATE_FILE, "sha256": hashlib.sha256(trained).hexdigest()}
+
+
+def _check_template(trained: bytes, d: int, metric: str, uri: str) -> None:
+    """A reused template must be trained, empty, and of these vectors' dimension and metric."""
+    template = index.from_bytes(trained)
+    want = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+    if template.d != d or template.metric_type != want or not template.is_trained:
+        raise BuildError(f"template {uri}: not a trained {metric} index of dimension {d}")
+    if template.ntotal:
+        raise BuildError(f"template {uri}: holds {template.ntotal} vectors, expected none")
 
 
 def _docs_indexes(cfg: Config, root: str, records, env) -> tuple[dict, dict | None, float]:

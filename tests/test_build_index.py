@@ -199,7 +199,8 @@ def test_build_publishes_a_complete_version(builds, dataset, factory):
         os.path.relpath(os.path.join(dp, f), folder) for dp, _, fs in os.walk(folder) for f in fs
     )
     expected = [f"docs/shard-{i:05d}.parquet" for i in range(SHARDS)]
-    expected += ["manifest.json"] + [f"shard-{i:05d}.faiss" for i in range(SHARDS)]
+    expected += ["manifest.json", "template.faiss"]
+    expected += [f"shard-{i:05d}.faiss" for i in range(SHARDS)]
     expected += [f"text/shard-{i:05d}/{f}" for i in range(SHARDS) for f in TEXT_FILES]
     assert files == sorted(expected)  # and no temp files left behind
 

@@ -250,6 +250,57 @@ def staged_file(uri: str):
             raise _wrap(uri, exc) from exc
 
 
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Write `data` to `uri` only if nothing is there yet, atomically; False when it exists.
+
+    Two writers racing for one name: exactly one wins. Locally: a fsynced temp file hard-linked
+    to the name (link fails on an existing name); on S3: a PUT with If-None-Match: * (412 when
+    the key exists), through boto3, since pyarrow's S3 has no conditional write.
+    """
+    fs, path = resolve(uri)
+    if fs is _LOCAL:
+        folder = os.path.dirname(path)
+        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise _wrap(uri, exc) from exc
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    bucket, _, key = path.partition("/")
+    try:
+        _boto_s3().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        return True
+    except Exception as exc:
+        status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status in (409, 412):  # 409: a concurrent conditional PUT of the same key
+            return False
+        raise _wrap(uri, exc) from exc
+
+
+@functools.lru_cache(maxsize=4)
+def _boto_client(endpoint: str | None, region: str | None):
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    config = BotoConfig(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10)
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+
+
+def _boto_s3():
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return _boto_client(s3_endpoint(), region)
+
+
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
