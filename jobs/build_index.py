@@ -25,7 +25,17 @@ import numpy as np
 import pyarrow as pa
 
 from jobs import cli
-from visual_search import cluster, devices, embeddings, filters, fulltext, index, storage, versions
+from visual_search import (
+    cluster,
+    devices,
+    embeddings,
+    filters,
+    fulltext,
+    index,
+    storage,
+    updates,
+    versions,
+)
 from visual_search.manifest import IndexManifest
 from visual_search.search import merge_topk
 from visual_search.shards import fill_shard, train_template, verify_shard
@@ -113,6 +123,7 @@ def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> Ind
     if cfg.keep < 1:
         raise ValueError("--keep must be >= 1")
     dataset = embeddings.open_dataset(cfg.embeddings)
+    through = cfg.updates_through or _log_snapshot(cfg.index_root)
     n, d = dataset.count, dataset.dim
     if n < cfg.shards:
         raise BuildError(f"{n} vectors cannot fill {cfg.shards} shards")
@@ -215,7 +226,7 @@ def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> Ind
         filterable=filterable,
         text=text,
         template=template_record,
-        updates_through=cfg.updates_through,
+        updates_through=through,
     )
     manifest.write(root)  # last in the version folder: the version is complete
     if gate is not None:
@@ -229,6 +240,18 @@ def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> Ind
 
 
 TEMPLATE_FILE = "template.faiss"
+
+
+def _log_snapshot(index_root: str) -> dict:
+    """The update log position this build's catalog is taken to reflect: its tail at the start
+    (later updates are applied on top of the new version by the service)."""
+    live = versions.current(index_root)
+    after = updates.Position()
+    if live is not None:
+        after = updates.Position.of(
+            versions.open_version(index_root, live).manifest.updates_through
+        )
+    return updates.snapshot(index_root, after).as_dict()
 
 
 def _write_template(root: str, trained: bytes) -> dict:

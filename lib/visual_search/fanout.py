@@ -15,11 +15,17 @@ class Unavailable(RuntimeError):
 
 
 class Coverage:
-    """How many shards answered every fan-out of one request (the fewest of them)."""
+    """How many shards answered every fan-out of one request (the fewest of them), and the
+    update log seq every part reflects (the smallest; `min_seq`: what the request asked for)."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, min_seq: int = 0):
         self.total = total
         self.answered = total
+        self.min_seq = min_seq
+        self.seq: int | None = None
+
+    def saw(self, seq: int) -> None:
+        self.seq = seq if self.seq is None else min(self.seq, seq)
 
     @property
     def partial(self) -> bool:

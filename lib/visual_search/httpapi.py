@@ -178,20 +178,53 @@ class _InMemoryParser(MultiPartParser):
     spool_max_size = 1 << 62
 
 
-async def _multipart_image(request: Request, body: bytes) -> bytes:
-    """The file field `image` of a multipart body already read."""
-
+async def _multipart_form(request: Request, body: bytes):
     async def stream():
         yield body
 
     try:
-        form = await _InMemoryParser(request.headers, stream(), max_files=4, max_fields=16).parse()
+        return await _InMemoryParser(request.headers, stream(), max_files=4, max_fields=16).parse()
     except Exception as exc:
         raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from exc
+
+
+async def _image_field(form) -> bytes:
     field = form.get("image")
     if field is None or isinstance(field, str):
         raise ApiError(400, "bad_request", "multipart body needs a file field 'image'")
     return await field.read()
+
+
+async def _multipart_image(request: Request, body: bytes) -> bytes:
+    """The file field `image` of a multipart body already read."""
+    return await _image_field(await _multipart_form(request, body))
+
+
+MAX_METADATA_CHARS = 64 << 10
+
+
+async def read_product_upload(request: Request, max_bytes: int) -> tuple[bytes, dict]:
+    """(the photo, the metadata object) of a PUT /products/{id}: multipart with a file field
+    `image` and an optional text field `metadata` (a JSON object); 400/413 as JSON."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(400, "bad_request", "send multipart/form-data: image (file), metadata")
+    form = await _multipart_form(request, await _read_body(request, max_bytes + MULTIPART_SLACK))
+    image = await _image_field(form)
+    if not image:
+        raise ApiError(400, "bad_request", "empty image")
+    if len(image) > max_bytes:
+        raise ApiError(413, "too_large", f"image over {max_bytes} bytes")
+    text = form.get("metadata") or "{}"
+    if not isinstance(text, str) or len(text) > MAX_METADATA_CHARS:
+        limit = f"a JSON object of up to {MAX_METADATA_CHARS} characters"
+        raise ApiError(400, "bad_metadata", f"metadata must be {limit}")
+    try:
+        metadata = json.loads(text)
+    except ValueError as exc:
+        raise ApiError(400, "bad_metadata", f"metadata is not JSON: {exc}") from exc
+    if not isinstance(metadata, dict):
+        raise ApiError(400, "bad_metadata", "metadata must be a JSON object")
+    return image, metadata
 
 
 async def read_upload(request: Request, max_bytes: int) -> bytes:

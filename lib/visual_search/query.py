@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from visual_search import filters, fulltext, index
+from visual_search import filters, fulltext, index, updates
 from visual_search.search import merge_topk
 from visual_search.versions import Version
 
@@ -60,20 +60,26 @@ class ShardIndex:
             self.members.move_to_end(key)
             return self.members[key]
 
-    def search(self, vectors: np.ndarray, k: int, flt: filters.Filter | None = None):
-        """(scores, ids) (nq, k); with a filter, only the items that pass it, and as many as
-        there are up to k (an approximate search that comes back short is redone over every
-        list)."""
-        if not flt:
+    def search(self, vectors: np.ndarray, k: int, flt: filters.Filter | None = None, dead=None):
+        """(scores, ids) (nq, k); with a filter, only the items that pass it, and never the ids
+        in `dead` (tombstones of the update log), as many as there are up to k (an approximate
+        search that comes back short is redone over every list)."""
+        dead = np.zeros(0, np.int64) if dead is None else dead
+        if not flt and not len(dead):
             return index.search(self.index, vectors, k, self.params)
-        members = self._members(flt)
-        if not len(members):
-            worst = -np.inf if self.metric == "ip" else np.inf
-            n = len(vectors)
-            return np.full((n, k), worst, np.float32), np.full((n, k), -1, np.int64)
-        selector = faiss.IDSelectorBatch(members - self.offset)
+        if flt:
+            members = self._members(flt)
+            members = np.setdiff1d(members, dead, assume_unique=True) if len(dead) else members
+            if not len(members):
+                worst = -np.inf if self.metric == "ip" else np.inf
+                n = len(vectors)
+                return np.full((n, k), worst, np.float32), np.full((n, k), -1, np.int64)
+            selector, expected = faiss.IDSelectorBatch(members - self.offset), len(members)
+        else:
+            batch = faiss.IDSelectorBatch(dead - self.offset)
+            selector, expected = faiss.IDSelectorNot(batch), self.index.ntotal - len(dead)
         scores, ids = index.search(self.inner, vectors, k, self.params, selector)
-        if (ids >= 0).sum(axis=1).min() < min(k, len(members)):
+        if (ids >= 0).sum(axis=1).min() < min(k, expected):
             scores, ids = index.search(self.inner, vectors, k, self.params, selector, True)
         return scores, np.where(ids >= 0, ids + self.offset, -1)
 
@@ -97,32 +103,63 @@ class ShardIndex:
 
 @dataclass(frozen=True)
 class Docs:
-    """The docs of a whole version, one row per global id (ids are dense, row == id)."""
+    """The docs of a whole version, one row per global id (ids are dense, row == id), and,
+    with `overlay`, the update log's effect on them (tombstones and new items)."""
 
     version: str
     table: pa.Table
+    overlay: updates.Overlay | None = field(default=None, compare=False)
 
     @classmethod
-    def load(cls, version: Version) -> Docs:
+    def load(cls, version: Version, overlay: updates.Overlay | None = None) -> Docs:
         table = version.read_docs().sort_by("id").combine_chunks()
         ids = table["id"].to_numpy()
         if not np.array_equal(ids, np.arange(len(ids))):
             raise ValueError(f"version {version.manifest.version}: docs ids are not dense")
-        return cls(version.manifest.version, table)
+        return cls(version.manifest.version, table, overlay)
 
-    def ids_of(self, product_id: str) -> np.ndarray:
+    def base_ids_of(self, product_id: str) -> np.ndarray:
         mask = pc.equal(self.table["product_id"], product_id)
         return pc.indices_nonzero(mask).to_numpy().astype(np.int64)
 
+    def ids_of(self, product_id: str) -> np.ndarray:
+        if self.overlay is not None and (ids := self.overlay.ids_of(product_id)) is not None:
+            return ids
+        return self.base_ids_of(product_id)
+
+    @property
+    def count(self) -> int:
+        return self.table.num_rows + (len(self.overlay.live) if self.overlay else 0)
+
+    def product_of(self, gid: int) -> str | None:
+        """The product of an id; None for an id the update log has removed."""
+        if self.overlay is not None:
+            if gid in self.overlay.dead:
+                return None
+            if gid >= updates.DELTA_BASE:
+                row = self.overlay.rows.get(gid)
+                return None if row is None else row["product_id"]
+        return self.table["product_id"][gid].as_py()
+
     def category_of(self, gid: int) -> str | None:
         """The category of one id (None when the docs have no category column or it is null)."""
-        if "category" not in self.table.column_names:
+        if gid >= updates.DELTA_BASE:
+            value = self._delta_row(gid).get("category")
+        elif "category" not in self.table.column_names:
             return None
-        value = self.table["category"][gid].as_py()
+        else:
+            value = self.table["category"][gid].as_py()
         return None if value is None else str(value)
 
+    def _delta_row(self, gid: int) -> dict:
+        empty = dict.fromkeys(self.table.column_names)
+        return {**empty, **(self.overlay.rows.get(gid, {}) if self.overlay else {}), "id": gid}
+
     def rows(self, ids: list[int]) -> list[dict]:
-        return self.table.take(pa.array(ids, pa.int64())).to_pylist()
+        base = [i for i in ids if i < updates.DELTA_BASE]
+        taken = self.table.take(pa.array(base, pa.int64())).to_pylist()
+        found = dict(zip(base, taken, strict=True))
+        return [found[i] if i in found else self._delta_row(i) for i in ids]
 
 
 def best_per_product(
@@ -136,13 +173,12 @@ def best_per_product(
     """One (id, score) per product, best photo first, from a merged sorted result row; with
     `group_of` (product -> near-duplicate group), one per group (collapse=true)."""
     out, seen = [], set()
-    pids = docs.table["product_id"]
     for gid, score in zip(ids.tolist(), scores.tolist(), strict=True):
         if gid < 0:
             break
-        pid = pids[gid].as_py()
+        pid = docs.product_of(gid)
         key = (group_of or {}).get(pid, pid)
-        if key in seen or pid == exclude:
+        if pid is None or key in seen or pid == exclude:
             continue
         seen.add(key)
         out.append((gid, score))
@@ -167,7 +203,7 @@ async def widening_search(
     """Await fan_out(k') -> per-shard [(scores, ids)] with a growing k' until k distinct products
     (or groups, with group_of) are found or the index is exhausted; [(id, score)], best first."""
     width = k + (1 if exclude else 0)
-    n = docs.table.num_rows
+    n = docs.count
     hits: list[tuple[int, float]] = []
     for _ in range(MAX_WIDEN):
         scores, ids = merge_topk(await fan_out(width), width, metric)
@@ -192,10 +228,7 @@ async def preferring_search(
     if len(own) >= k:
         return own
     near = await widening_search(lambda w: fan_out(w, None), *args)
-    pids = docs.table["product_id"]
     keys = group_of or {}
-    seen = {keys.get(p, p) for p in (pids[gid].as_py() for gid, _ in own)}
-    rest = [
-        (gid, s) for gid, s in near if keys.get(pids[gid].as_py(), pids[gid].as_py()) not in seen
-    ]
+    seen = {keys.get(p, p) for p in (docs.product_of(gid) for gid, _ in own)}
+    rest = [(gid, s) for gid, s in near if keys.get(p := docs.product_of(gid), p) not in seen]
     return (own + rest)[:k]

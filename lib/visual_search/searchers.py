@@ -7,53 +7,68 @@ from collections import OrderedDict
 import numpy as np
 from ray import serve
 
-from visual_search import embedders, query, storage, versions
+from visual_search import embedders, live, storage, updates, versions
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class ShardSearcher:
-    """One shard; keeps the two most recent versions it was asked for, loading them lazily."""
+    """One shard; keeps the two most recent versions it was asked for, loading them lazily,
+    each kept up to date with the update log (live.LiveShard)."""
 
     def __init__(self, index_root: str, shard: int, s3_endpoint: str | None, mmap: bool):
         if s3_endpoint:
             storage.configure(s3_endpoint)
         self.index_root, self.shard, self.mmap = index_root, shard, mmap
-        self.loaded: OrderedDict[str, query.ShardIndex] = OrderedDict()
+        self.loaded: OrderedDict[str, live.LiveShard] = OrderedDict()
         self.lock = asyncio.Lock()
+        self.following: asyncio.Task | None = None
         # Load and verify CURRENT's shard before the replica counts as started, so the first
         # query does not pay for it. Another version loads on demand.
         current = versions.open_version(index_root)
-        self.loaded[current.manifest.version] = query.ShardIndex(current, shard, mmap)
+        self.loaded[current.manifest.version] = self._open(current)
 
-    async def _get(self, version: str) -> query.ShardIndex:
-        if version in self.loaded:
-            return self.loaded[version]
-        async with self.lock:
-            if version not in self.loaded:
-                v = versions.open_version(self.index_root, version)
-                self.loaded[version] = await asyncio.to_thread(
-                    query.ShardIndex, v, self.shard, self.mmap
-                )
-                while len(self.loaded) > 2:
-                    self.loaded.popitem(last=False)
-        return self.loaded[version]
+    def _open(self, version: versions.Version) -> live.LiveShard:
+        shard = live.LiveShard(version, self.shard, self.index_root, self.mmap)
+        for pos, batch in updates.follow(self.index_root, shard.overlay.position):
+            shard.overlay.apply(pos, batch)  # not yet shared: no lock needed
+        return shard
+
+    async def _get(self, version: str, min_seq: int = 0) -> live.LiveShard:
+        if self.following is None or self.following.done():
+            targets = lambda: [s.follower for s in self.loaded.values()]  # noqa: E731
+            self.following = asyncio.get_running_loop().create_task(live.follow_forever(targets))
+        if version not in self.loaded:
+            async with self.lock:
+                if version not in self.loaded:
+                    v = versions.open_version(self.index_root, version)
+                    self.loaded[version] = await asyncio.to_thread(self._open, v)
+                    while len(self.loaded) > 2:
+                        self.loaded.popitem(last=False)
+        shard = self.loaded[version]
+        if min_seq > shard.overlay.seq:
+            await shard.follower.wait_for(min_seq)  # the answer's seq says whether it did
+        return shard
 
     async def prepare(self, version: str) -> int:
-        return (await self._get(version)).index.ntotal
+        return (await self._get(version)).base.index.ntotal
 
-    async def search(self, version: str, vectors: np.ndarray, k: int, flt=None):
-        """(scores, ids) of the k nearest (a filters.Filter, or None for all items)."""
-        shard = await self._get(version)
+    async def search(self, version: str, vectors: np.ndarray, k: int, flt=None, min_seq: int = 0):
+        """(scores, ids, seq) of the k nearest (a filters.Filter, or None for all items), and
+        the update log seq the answer reflects (waiting a little for min_seq)."""
+        shard = await self._get(version, min_seq)
         return await asyncio.to_thread(shard.search, vectors, k, flt)
 
-    async def text_search(self, version: str, text: str, k: int, flt=None):
-        """(scores, ids) (1, k) of the k best BM25 matches of text."""
-        shard = await self._get(version)
+    async def text_search(self, version: str, text: str, k: int, flt=None, min_seq: int = 0):
+        """(scores, ids, seq) (1, k) of the k best BM25 matches of text."""
+        shard = await self._get(version, min_seq)
         return await asyncio.to_thread(shard.text_search, text, k, flt)
 
     async def reconstruct(self, version: str, gid: int) -> np.ndarray:
         shard = await self._get(version)
         return await asyncio.to_thread(shard.reconstruct, gid)
+
+    async def seq(self, version: str) -> int:
+        return (await self._get(version)).overlay.seq
 
 
 class BatchedEmbedder:

@@ -13,6 +13,7 @@ collapse=true and GET /products/{id}/duplicates.
 # No `from __future__ import annotations`: FastAPI must see the endpoint types at run time.
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -34,8 +35,10 @@ from visual_search import (
     fulltext,
     httpapi,
     images,
+    live,
     query,
     storage,
+    updates,
     verify,
     versions,
 )
@@ -57,6 +60,14 @@ FilterText = Annotated[
         alias="filter",
         max_length=filters.MAX_FILTER_CHARS,
         description="field:value, field:v1|v2, field<N, field>N, field:lo..hi; comma = and",
+    ),
+]
+MinSeq = Annotated[
+    int,
+    Query(
+        ge=0,
+        description="answer only once every update up to this seq (PUT/DELETE's answer) is "
+        f"reflected; 503 stale after about {live.STALE_WAIT_S:g} s",
     ),
 ]
 Collapse = Annotated[
@@ -92,14 +103,22 @@ class _State:
 
     def __init__(self, version: versions.Version, docs: query.Docs, local=None, groups=None):
         self.version = version
-        self.docs = docs
+        self.docs = docs  # with the update log's overlay, kept caught up by `follower`
         self.name = version.manifest.version
         self.filterable = filters.filterable_columns(docs.table)
         self.local = local  # the version's own model, when the ingress embeds (BatchedEmbedder)
         self.groups: dedup.Groups | None = groups  # near-duplicate groups; None: not available
+        self.follower: live.Follower | None = None
+        self.committer: live.Committer | None = None
 
     def with_groups(self, groups: dedup.Groups | None) -> "_State":
-        return _State(self.version, self.docs, self.local, groups)
+        state = _State(self.version, self.docs, self.local, groups)
+        state.follower, state.committer = self.follower, self.committer
+        return state
+
+    @property
+    def seq(self) -> int:
+        return self.docs.overlay.seq
 
     @property
     def group_count(self) -> int | None:
@@ -118,6 +137,17 @@ def _load_groups(index_root: str, version: str) -> dedup.Groups | None:
     except (dedup.DedupError, storage.StorageError) as exc:
         log.warning("version %s: near-duplicate groups not loaded: %s", version, exc)
         return None
+
+
+def _check_product_id(product_id: str) -> str:
+    if not 0 < len(product_id) <= 512 or not product_id.isprintable():
+        raise ApiError(400, "bad_product_id", "a product id is 1 to 512 printable characters")
+    return product_id
+
+
+def _stale(wanted: int, seq: int) -> ApiError:
+    message = f"updates through seq {wanted} are not all applied yet (at {seq}); retry"
+    return ApiError(503, "stale", message)
 
 
 def _with_image_urls(rows: list[dict]) -> list[dict]:
@@ -163,6 +193,7 @@ class Ingress:
         self.api_key = os.environ.get(settings.api_key_env) or None
         self.searching = self.reading = 0
         self.reload_lock = asyncio.Lock()
+        self.following: asyncio.Task | None = None
         self.local_args = local_embedder if embedder is None else None
         version = versions.open_version(index_root)
         local = None
@@ -187,7 +218,24 @@ class Ingress:
                 f"the app serves {len(self.shards)}: redeploy with the new shard count",
             )
         groups = _load_groups(self.index_root, version.manifest.version)
-        return _State(version, query.Docs.load(version), local, groups)
+        m = version.manifest
+        base = query.Docs.load(version)
+        start = updates.check_reachable(self.index_root, updates.Position.of(m.updates_through))
+        overlay = updates.Overlay(base.base_ids_of, start, updates.model_key(m.model))
+        for pos, batch in updates.follow(self.index_root, start):
+            overlay.apply(pos, batch)
+        state = _State(version, dataclasses.replace(base, overlay=overlay), local, groups)
+        state.follower = live.Follower(self.index_root, overlay)
+        writer = updates.Writer(self.index_root, overlay.position, m.dim)
+        state.committer = live.Committer(writer)
+        return state
+
+    def _ensure_following(self) -> None:
+        """The replica's log follower (a task of the serving event loop, started by the first
+        request since the constructor has no loop of its own to start it on)."""
+        if self.following is None or self.following.done():
+            loop = asyncio.get_running_loop()
+            self.following = loop.create_task(live.follow_forever(lambda: [self.state.follower]))
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -246,13 +294,17 @@ class Ingress:
                     probe,
                     width,
                     flt or preferred,
+                    coverage.min_seq,
                 )
                 for s in self.shards
             ]
             try:
-                return await fanout.gather(calls, self.settings.shard_timeout_s, coverage)
+                parts = await fanout.gather(calls, self.settings.shard_timeout_s, coverage)
             except fanout.Unavailable as exc:
                 raise ApiError(503, "unavailable", str(exc)) from exc
+            for *_, seq in parts:
+                coverage.saw(seq)
+            return [(scores, ids) for scores, ids, _ in parts]
 
         metric = "ip" if text else state.version.manifest.metric  # BM25: higher is better
         args = (metric, state.docs, k, exclude, prefer, group_of)
@@ -288,14 +340,19 @@ class Ingress:
         where,
         exclude=None,
         collapse=False,
+        min_seq=0,
     ) -> dict:
         """Admit, pin the current version, get the query (vector or text, the photo's pixels or
         None, the category to prefer or None), search among the items `where` = (category, filter
         text) lets through (with `collapse`, one per near-duplicate group when the version has
-        groups); for a photo, re-rank the top products and predict its category."""
-        coverage = fanout.Coverage(len(self.shards))
+        groups); for a photo, re-rank the top products and predict its category. The answer's
+        seq is the update log seq it reflects; with min_seq, at least that one or 503 stale."""
+        self._ensure_following()
+        coverage = fanout.Coverage(len(self.shards), min_seq)
         async with self._admit("searching", self.settings.max_inflight):
             state = self.state
+            if min_seq > state.seq and not await state.follower.wait_for(min_seq):
+                raise _stale(min_seq, state.seq)
             metric = state.version.manifest.metric
             flt = _parse_filter(state, *where)
             group_of = state.groups.group_of if collapse and state.groups else None
@@ -311,6 +368,9 @@ class Ingress:
                 with stage("rerank"):
                     results = await self._rerank(state, results, pixels, rerank)
             results = results[:k]
+            seq = min(state.seq, state.seq if coverage.seq is None else coverage.seq)
+            if seq < min_seq:
+                raise _stale(min_seq, seq)
         took = stage.total_ms()
         response.headers["Server-Timing"] = stage.header() + f", total;dur={took:.2f}"
         answer = {
@@ -320,6 +380,7 @@ class Ingress:
             "partial": coverage.partial,
             "coverage": coverage.as_dict(),
             "collapsed": group_of is not None,
+            "seq": seq,
         }
         if pixels is not None:
             answer["predicted_category"] = verify.predicted_category(results, metric=metric)
@@ -338,6 +399,7 @@ class Ingress:
         category: Category = None,
         filter_text: FilterText = None,
         collapse: Collapse = False,
+        min_seq: MinSeq = 0,
     ) -> dict:
         stage = Stages()
         data = await self._upload(request, stage)
@@ -346,7 +408,8 @@ class Ingress:
             return *await self._embed(state, data, stage), None
 
         where = (category, filter_text)
-        return await self._query(response, stage, upload_query, k, where, collapse=collapse)
+        args = (response, stage, upload_query, k, where)
+        return await self._query(*args, collapse=collapse, min_seq=min_seq)
 
     @app.get("/search")
     async def text_search(
@@ -357,6 +420,7 @@ class Ingress:
         category: Category = None,
         filter_text: FilterText = None,
         collapse: Collapse = False,
+        min_seq: MinSeq = 0,
     ) -> dict:
         """Products whose title and text metadata match q (BM25), best first."""
 
@@ -366,7 +430,8 @@ class Ingress:
             return q, None, None
 
         where = (category, filter_text)
-        return await self._query(response, Stages(), text_query, k, where, collapse=collapse)
+        args = (response, Stages(), text_query, k, where)
+        return await self._query(*args, collapse=collapse, min_seq=min_seq)
 
     @app.get("/products/{product_id:path}/similar")
     async def similar(
@@ -378,6 +443,7 @@ class Ingress:
         same_category: bool = True,
         filter_text: FilterText = None,
         collapse: Collapse = False,
+        min_seq: MinSeq = 0,
     ) -> dict:
         """Nearest products; by default those of the item's own category (when the catalog has
         categories) come first, then the nearest others."""
@@ -397,7 +463,7 @@ class Ingress:
 
         where = (category, filter_text)
         args = (response, Stages(), stored_vector, k, where, product_id)
-        return await self._query(*args, collapse=collapse)
+        return await self._query(*args, collapse=collapse, min_seq=min_seq)
 
     @app.get("/products/{product_id:path}/duplicates")
     async def duplicates(self, product_id: str) -> dict:
@@ -435,6 +501,52 @@ class Ingress:
         headers = {"Cache-Control": "max-age=3600", "X-Content-Type-Options": "nosniff"}
         return Response(data, media_type=media, headers=headers)
 
+    @app.put("/products/{product_id:path}")
+    async def put_product(self, product_id: str, request: Request) -> dict:
+        """Replace a product's photos and metadata (or add a new product): multipart with a file
+        field `image` and an optional JSON field `metadata`. Answered once durable in the log."""
+        self._admin(request)
+        pid = _check_product_id(product_id)
+        data, metadata = await httpapi.read_product_upload(request, self.settings.max_upload_bytes)
+        state = self.state
+        try:
+            fields = live.check_metadata(metadata, state.docs.table)
+        except ValueError as exc:
+            raise ApiError(400, "bad_metadata", str(exc)) from exc
+        vector, _ = await self._embed(state, data, Stages())
+        uri = updates.image_uri(self.index_root, data, images.media_type(data))
+        model = updates.model_key(state.version.manifest.model)
+        try:
+            if not await asyncio.to_thread(storage.exists, uri):
+                await asyncio.to_thread(storage.write_bytes, uri, data)
+        except storage.StorageError as exc:
+            raise ApiError(503, "log_unavailable", f"cannot store the photo: {exc}") from exc
+        update = updates.Update(updates.UPSERT, pid, uri, fields, vector[0], model, "api")
+        return await self._commit(state, update)
+
+    @app.delete("/products/{product_id:path}")
+    async def delete_product(self, product_id: str, request: Request) -> dict:
+        """Remove a product from search; 404 when it is unknown (or deleted already)."""
+        self._admin(request)
+        state = self.state
+        self._first_id(state, product_id)
+        return await self._commit(state, updates.Update(updates.DELETE, product_id, source="api"))
+
+    async def _commit(self, state: _State, update: updates.Update) -> dict:
+        self._ensure_following()
+        try:
+            done = await state.committer.submit(update)
+        except (OSError, updates.LogError) as exc:
+            log.warning("update of %r not written: %s", update.product_id, exc)
+            raise ApiError(503, "log_unavailable", "the update log cannot be written") from exc
+        asyncio.get_running_loop().create_task(state.follower.catch_up())  # read your writes
+        return {"product_id": update.product_id, "seq": done.seq, "status": "accepted"}
+
+    def _admin(self, request: Request) -> None:
+        httpapi.require_key(
+            request, self.api_key, self.settings.api_key_env, self.settings.admin_open
+        )
+
     @app.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
@@ -460,6 +572,13 @@ class Ingress:
             "shards": len(m.shards),
             "recall": {k: v for k, v in m.recall.items() if k != "curve"},
             "groups": self.state.group_count,
+            "updates": {
+                "seq": self.state.seq,
+                "through": updates.Position.of(m.updates_through).as_dict(),
+                # applied on top of the version: what the next compaction folds in
+                "since_version": self.state.seq - (m.updates_through or {}).get("seq", 0),
+                "unsearchable": self.state.docs.overlay.unusable,
+            },
         }
 
     @app.get("/", response_class=HTMLResponse)
@@ -468,16 +587,14 @@ class Ingress:
 
     @app.post("/admin/reload")
     async def reload(self, request: Request) -> dict:
-        httpapi.require_key(
-            request, self.api_key, self.settings.api_key_env, self.settings.admin_open
-        )
+        self._admin(request)
         async with self.reload_lock:
             previous = self.state.name
             try:
                 target = versions.current(self.index_root)
                 same = target is None or target == previous
                 version = None if same else versions.open_version(self.index_root, target)
-            except (ValueError, OSError) as exc:  # a corrupt CURRENT or manifest: keep serving
+            except (ValueError, OSError, updates.LogError) as exc:  # corrupt: keep serving
                 raise ApiError(409, "bad_version", f"cannot switch: {exc}") from exc
             if version is None:
                 return await self._regroup()
@@ -530,8 +647,8 @@ class Ingress:
         return int(ids[0])
 
     def _shard_of(self, state: _State, gid: int) -> int:
-        for i, rec in enumerate(state.version.manifest.shards):
-            lo, hi = rec.id_range
-            if lo <= gid < hi:
-                return i
-        raise ApiError(404, "unknown_product", f"id {gid} is in no shard")
+        shards = state.version.manifest.shards
+        found = live.shard_of(gid, len(shards), [rec.id_range for rec in shards])
+        if found is None:
+            raise ApiError(404, "unknown_product", f"id {gid} is in no shard")
+        return found

@@ -56,9 +56,10 @@ def segment_uri(index_root: str, n: int) -> str:
     return storage.join(log_root(index_root), "segments", f"{n:012d}.parquet")
 
 
-def image_uri(index_root: str, data: bytes, suffix: str) -> str:
+def image_uri(index_root: str, data: bytes, media_type: str | None) -> str:
     """Where a PUT's photo is kept: content-addressed, so a retried PUT writes the same name."""
     digest = hashlib.sha256(data).hexdigest()
+    suffix = "." + (media_type or "x/img").split("/")[-1].replace("jpeg", "jpg")
     return storage.join(log_root(index_root), "images", digest[:2], f"{digest}{suffix}")
 
 
@@ -193,6 +194,48 @@ def tail(index_root: str, after: Position) -> Position:
     return pos
 
 
+def floor(index_root: str) -> Position:
+    """The position up to which segments have been retired (updates/retired.json; nothing
+    retired: Position())."""
+    uri = storage.join(log_root(index_root), "retired.json")
+    return Position.of(storage.read_json(uri)) if storage.exists(uri) else Position()
+
+
+def retire(index_root: str, through: Position) -> int:
+    """Delete the segments up to `through` (folded into versions no service reads any more);
+    the floor is recorded first, so no writer ever re-creates a retired segment's name."""
+    if through.segment <= floor(index_root).segment:
+        return 0
+    storage.write_json(storage.join(log_root(index_root), "retired.json"), through.as_dict())
+    gone = 0
+    for n in range(through.segment, 0, -1):
+        uri = segment_uri(index_root, n)
+        if not storage.exists(uri):
+            break  # retired by an earlier call
+        storage.delete(uri)
+        gone += 1
+    return gone
+
+
+def check_reachable(index_root: str, start: Position) -> Position:
+    """`start` when the log still has every segment after it; LogError when some are retired
+    (a version that old cannot be brought up to date: serve a newer one)."""
+    low = floor(index_root)
+    if low.segment > start.segment:
+        raise LogError(
+            f"update log segments through {low.segment} are retired; a version folded up to "
+            f"segment {start.segment} cannot follow it: publish a newer version (compact.py)"
+        )
+    return start
+
+
+def snapshot(index_root: str, after: Position) -> Position:
+    """The log's tail now, read from `after` (the live version's updates_through) or from the
+    retired floor when that is further: what a catalog snapshot taken now already reflects."""
+    low = floor(index_root)
+    return tail(index_root, low if low.segment > after.segment else after)
+
+
 class Writer:
     """Appends segments to one log; safe with any number of other writers (module docstring)."""
 
@@ -205,6 +248,9 @@ class Writer:
         their seqs."""
         if not updates:
             return []
+        low = floor(self.index_root)
+        if low.segment > self.position.segment:
+            self.position = low
         self.position = tail(self.index_root, self.position)
         while True:
             n, first = self.position.segment + 1, self.position.seq + 1
@@ -247,6 +293,10 @@ class Overlay:
         return self.position.seq
 
     def apply(self, pos: Position, updates: list[Update]) -> None:
+        """Apply one segment (read at `pos`); a segment applied already is a no-op, so two
+        readers racing to catch one overlay up cannot apply anything twice."""
+        if pos.segment <= self.position.segment:
+            return
         for u in updates:
             if u.seq <= self.position.seq:
                 continue
