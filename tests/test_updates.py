@@ -103,3 +103,20 @@ def test_overlay_tombstones_and_new_docs(tmp_path):
     assert overlay.rows[updates.DELTA_BASE + 3]["title"] == "new"
     assert overlay.unusable == 1  # "other": its vector came from another model
     assert overlay.catch_up(root) == 0  # idempotent: nothing new
+
+
+def test_retired_segments_are_never_written_again(root):
+    w = Writer(root, Position(), DIM)
+    for i in range(4):
+        w.append([upsert(f"r{i}")])
+    assert updates.retire(root, Position(2, 2)) == 2
+    assert updates.read_segment(root, 1) is None and updates.read_segment(root, 3) is not None
+    assert updates.floor(root) == Position(2, 2)
+    # A writer that knows nothing starts above the floor: seq 5 follows 4, not a new seq 1.
+    (late,) = Writer(root, Position(), DIM).append([upsert("late")])
+    assert late.seq == 5
+    assert updates.snapshot(root, Position()) == Position(5, 5)
+    with pytest.raises(updates.LogError, match="retired"):
+        updates.check_reachable(root, Position(1, 1))
+    assert updates.check_reachable(root, Position(2, 2)) == Position(2, 2)
+    assert updates.retire(root, Position(2, 2)) == 0  # already done
