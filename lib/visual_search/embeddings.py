@@ -1,10 +1,11 @@
-"""Reading an embeddings dataset (Contract 2) by global id: validation, ranges, samples, docs."""
+"""Reading an embeddings dataset (Contract 2) by global id: validation, ranges, samples, docs;
+writing derived datasets (projected vectors, compacted rows)."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from visual_search import schema, storage
-from visual_search.manifest import EmbeddingsManifest
+from visual_search.manifest import EmbeddingsManifest, FileRecord, code_version
 
 
 class DatasetError(ValueError):
@@ -169,3 +170,56 @@ def replace_vectors(ds: Dataset, out: str, vectors: np.ndarray, model: dict) -> 
         return np.asarray(vectors[done - len(v) : done], np.float32)
 
     return project(ds, out, take, model)
+
+
+def write_dataset(
+    out: str, tables: Iterable[pa.Table], like: EmbeddingsManifest, **changes
+) -> Dataset:
+    """A new dataset at `out`: one embeddings part per table, in order (ids follow it), no error
+    parts, described as `like` with `changes` and the new counts; manifest last, so a crash
+    leaves nothing that opens."""
+    started = time.time()
+    storage.delete(storage.join(out, "manifest.json"))
+    records = []
+    for i, table in enumerate(tables):
+        rec = FileRecord(f"embeddings/part-{i:05d}.parquet", table.num_rows)
+        storage.write_parquet(storage.join(out, rec.path), table)
+        records.append(rec)
+    n = sum(r.rows for r in records)
+    catalog = {**changes.pop("catalog", like.catalog), "rows": n}  # every row made it
+    fields = {
+        "catalog": catalog,
+        "counts": {"input": n, "embedded": n, "errors": 0, "errors_by_code": {}},
+        "timings": {"total_s": round(time.time() - started, 3)},
+        **changes,
+    }
+    manifest = dataclasses.replace(
+        like, embeddings=records, errors=[], code_version=code_version(), **fields
+    )
+    manifest.write(out)
+    return open_dataset(out)
+
+
+def embed_photos(model: dict, uris: list[str], batch: int = 32) -> np.ndarray:
+    """float32 (len(uris), dim): the photos embedded with the model a manifest's `model` entry
+    names (a Ray task body: the model loads where it runs). Raises DatasetError naming the
+    photos that cannot be read or decoded, since a derived dataset must not lose rows."""
+    from visual_search import embedders, images  # torch: only where photos are embedded
+    from visual_search.pipeline import read_and_decode
+
+    embedder = embedders.from_model_dict(model)
+    size, out, failed = embedder.preprocess.size, [], []
+    for lo in range(0, len(uris), batch):
+        pixels = []
+        for uri in uris[lo : lo + batch]:
+            data, code, detail = read_and_decode(uri, embedder.preprocess, images.Limits())
+            if data is None:
+                failed.append(f"{uri} ({code}: {detail})")
+            else:
+                pixels.append(data)
+        if pixels and not failed:
+            x = np.frombuffer(b"".join(pixels), np.uint8).reshape(-1, size, size, 3)
+            out.append(embedder.embed(x))
+    if failed:
+        raise DatasetError(f"{len(failed)} of {len(uris)} photos failed; first: {failed[0]}")
+    return np.concatenate(out) if out else np.zeros((0, embedder.dim), np.float32)
