@@ -27,7 +27,7 @@ from conftest import draw_product
 from PIL import Image
 from ports import free_port
 
-from jobs import build_index, embed
+from jobs import build_index, compact, embed
 from visual_search import updates
 
 API_KEY = "live-key"
@@ -103,7 +103,9 @@ def live(tmp_path_factory):
         build_index.run(cfg)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = AppArgs(index_root=index_root, shard_cpus=0.1, ingress_cpus=0.1, rerank=0)
+        # 0.7 of the 2 logical CPUs in all: build tasks (1 CPU each) still fit, for compaction.
+        cpus = {"shard_cpus": 0.1, "ingress_cpus": 0.1, "embedder_cpus": 0.4}
+        args = AppArgs(index_root=index_root, rerank=0, **cpus)
         serve.run(build_app(args), name="vs", route_prefix="/")
         service = Live(f"http://127.0.0.1:{port}", index_root)
         yield service
@@ -210,6 +212,24 @@ def test_updates_are_searchable_without_min_seq_soon(live):
 def test_stale_min_seq_is_503(live):
     ahead = live.get("/version").json()["updates"]["seq"] + 1000
     assert error_code(live.search(photo(1), min_seq=ahead), 503) == "stale"
+
+
+def test_compaction_then_reload_keeps_every_update(live):
+    data = photo(4242)
+    accepted(live.put("folded", data, {"title": "Folded item"}), "folded")
+    seq = accepted(live.delete("p09"), "p09")
+    before = live.get("/version", min_seq=seq).json()
+    assert compact.main(["--index-root", live.index_root]) == 0
+    r = live.http.post(f"{live.base}/admin/reload", headers=AUTH, timeout=TIMEOUT)
+    assert r.status_code == 200 and r.json()["status"] == "reloaded", r.text
+    after = live.get("/version").json()
+    assert after["index_version"] != before["index_version"]
+    assert after["updates"]["through"]["seq"] == seq == after["updates"]["seq"]
+    assert after["updates"]["since_version"] == 0
+    assert top(live.search(data, k=1)) == ["folded"]
+    assert "p09" not in top(live.search(photo(9), k=N))
+    assert top(live.get("/search", q="Folded", k=1)) == ["folded"]  # now in the text index too
+    assert accepted(live.put("after-compaction", photo(4343)), "after-compaction") == seq + 1
 
 
 # ----------------------------------------------------------------------------- faults
