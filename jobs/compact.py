@@ -42,6 +42,7 @@ OWN_COLUMNS = ("product_id", "image_uri", "embedding")
 class Config:
     index_root: str
     keep: int = build_index.Config.keep
+    min_updates: int = 1  # fewer pending updates: nothing to do yet (for a frequent schedule)
     s3_endpoint: str | None = None
 
 
@@ -238,8 +239,11 @@ def run(cfg: Config) -> IndexManifest | None:
         raise CompactError(str(exc)) from exc
     start = updates.check_reachable(cfg.index_root, Position.of(live.manifest.updates_through))
     tail, found = read_log(cfg.index_root, start)
-    if not found:
-        _say(f"nothing to compact: version {live.manifest.version} is through seq {start.seq}")
+    if len(found) < max(cfg.min_updates, 1):
+        _say(
+            f"nothing to compact: version {live.manifest.version} is through seq {start.seq}, "
+            f"{len(found)} update(s) after it (--min-updates {cfg.min_updates})"
+        )
         return None
     _say(f"version {live.manifest.version}: folding in seqs {start.seq + 1}..{tail.seq}")
     dataset = write_compacted(cfg.index_root, live, tail, found)
@@ -253,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     p.add_argument("--index-root", required=True, help="index root URI (versions/, CURRENT)")
     p.add_argument("--keep", type=int, default=Config.keep, help="complete versions kept")
+    p.add_argument(
+        "--min-updates",
+        type=int,
+        default=Config.min_updates,
+        help="compact only once the log holds at least this many updates after the live version",
+    )
     cli.add_s3_endpoint(p)
     return p
 

@@ -212,6 +212,7 @@ def test_a_second_compaction_retires_the_first_ones_segments(root):
     pids = set(versions.open_version(root).read_docs()["product_id"].to_pylist())
     assert {"b", "c"} <= pids and "a" not in pids
     append(root, [upsert("d", 4)])
+    assert compact.run(compact.Config(index_root=root, min_updates=2)) is None  # 1 pending
     assert compact.run(compact.Config(index_root=root, keep=1)).updates_through["seq"] == 5
     assert segments(root) == [5]
     # keep=1 pruned the base and `first` (the previous live one stays): the dataset `first` was
