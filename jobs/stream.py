@@ -1,0 +1,596 @@
+"""Follow a change feed into the update log (Contract 5): at-least-once input, exactly-once effect.
+
+    python jobs/stream.py --index-root URI --feed URI [--poll-s S] [--batch-rows N] [--once]
+        [--s3-endpoint URL]
+
+The feed is a folder or prefix where CSV files land; they are processed in file-name order
+(names are paths below the feed; hidden names, "." or "_" first, are skipped). Each file has a
+header `op,product_id,image_uri[,metadata columns...]` and rows
+- `upsert,<product_id>,<image_uri>,...`: the photo is decoded and embedded with the live
+  version's model; image URIs may be relative to the file's folder;
+- `delete,<product_id>,,...`: the image and metadata cells are ignored.
+Metadata cells become the update's metadata dict; an empty cell means "no value" (the key is
+left out, since an upsert replaces all of a product's metadata); columns the live version
+declares numeric filter fields become floats. Row N is the N-th record after the header.
+
+Rules for producers: a file is immutable once landed. Write it atomically (to a hidden name,
+then rename; one PUT on S3); a file that changes after it was read is never read again (a
+warning says so). File names must be unique among all feeds of one index root: log entries
+name their row as source `feed:<file name>#<row>`.
+
+Micro-batches of --batch-rows rows are decoded (CPU tasks) and embedded (actor pool, a GPU per
+actor when the cluster has one) with Ray Data, a round of --round-batches batches per pipeline
+(the model loads once per round), and each batch is written to the log as one segment.
+Bad images and malformed rows become error records, one JSON object per row at
+`{index_root}/updates/errors/{feed key}/{file}/{row:08d}.json` (file, row, product_id,
+image_uri, error, detail), written before the batch's segment: a retried row rewrites the
+same object, so a crash never leaves one twice.
+
+Exactly once: `{index_root}/updates/feeds/{feed key}.json` (rewritten after every batch) holds
+the files done, the rows handled in files still in progress, and the log position it reflects.
+On start, the log segments after that position are scanned for this feed's sources, so a batch
+whose segment landed just before a crash is not written again. One stream job per feed.
+
+Runs until SIGTERM or SIGINT (the batch in hand is finished; exit 0); --once processes what is
+there and exits. Progress goes to stdout every few seconds (and to Ray metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import io
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobs import cli
+from jobs.embed import DECODE_CPUS
+from visual_search import cluster, devices, embedders, images, schema, storage, updates, versions
+from visual_search.pipeline import EmbedBatch, decode_batch
+from visual_search.updates import DELETE, UPSERT, Position, Update
+
+HEADER = ("op", "product_id", "image_uri")
+MAX_FILE_BYTES = 256 << 20
+DETAIL_MAX = 500
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # finish the batch in hand, exit 0
+
+
+@dataclass(frozen=True)
+class Config:
+    index_root: str
+    feed: str
+    poll_s: float = 2.0
+    batch_rows: int = 64
+    round_batches: int = 8  # batches per Ray Data pipeline: the model loads once per round
+    once: bool = False
+    s3_endpoint: str | None = None
+    progress_every_s: float = 5.0
+    gpus: int | None = None
+    device: str | None = None
+    embed_batch_size: int = 32
+    decode_batch_size: int = 8
+    limits: images.Limits = images.Limits()
+
+
+class StreamError(RuntimeError):
+    """The stream cannot start or go on (no live version, a broken log or checkpoint)."""
+
+
+# ------------------------------------------------------------------------ feed files
+
+
+@dataclass(frozen=True)
+class Row:
+    """One feed record; `error` set when it cannot become an update (malformed, bad image)."""
+
+    file: str
+    row: int
+    op: str = ""
+    product_id: str = ""
+    image_uri: str | None = None
+    metadata: dict = field(default_factory=dict)
+    error: str | None = None
+    detail: str | None = None
+
+    @property
+    def source(self) -> str:
+        return f"feed:{self.file}#{self.row}"
+
+
+def parse_source(source: str | None) -> tuple[str, int] | None:
+    """`feed:<file>#<row>` -> (file, row); None for updates from elsewhere."""
+    if not source or not source.startswith("feed:"):
+        return None
+    name, _, row = source[len("feed:") :].rpartition("#")
+    return (name, int(row)) if name and row.isdigit() else None
+
+
+def parse_file(name: str, uri: str, data: bytes, numbers: frozenset = frozenset()) -> list[Row]:
+    """A landed file's rows; what cannot be read becomes error rows (row 0: the whole file)."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        return [Row(name, 0, error="bad_file", detail=f"not UTF-8: {exc}"[:DETAIL_MAX])]
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [h.strip() for h in next(reader, [])]
+        _check_header(header)
+    except (csv.Error, ValueError) as exc:
+        return [Row(name, 0, error="bad_header", detail=str(exc)[:DETAIL_MAX])]
+    base, out, n = storage.parent(uri), [], 0
+    try:
+        for n, record in enumerate(reader, start=1):
+            if record:  # a blank line keeps its number but is no row
+                out.append(_parse_record(name, n, header, record, base, numbers))
+    except csv.Error as exc:  # the reader cannot go on: the rest of the file is one error
+        out.append(Row(name, n + 1, error="malformed_row", detail=str(exc)[:DETAIL_MAX]))
+    return out
+
+
+def _check_header(header: list[str]) -> None:
+    if tuple(header[:3]) != HEADER:
+        raise ValueError(f"header must start with {','.join(HEADER)}, got {header[:3]}")
+    extra = header[3:]
+    bad = [c for c in extra if not c or c in updates.RESERVED or c in HEADER]
+    if bad or len(set(extra)) != len(extra):
+        raise ValueError(f"metadata columns must be named, unique and not reserved: {extra}")
+
+
+def _parse_record(name, n, header, record, base, numbers) -> Row:
+    if len(record) != len(header):
+        detail = f"{len(record)} fields, the header has {len(header)}"
+        return Row(name, n, error="malformed_row", detail=detail)
+    op, pid, uri = (v.strip() for v in record[:3])
+    if op not in (UPSERT, DELETE) or not pid or (op == UPSERT and not uri):
+        detail = f"need op upsert|delete, a product_id and (upsert) an image_uri: {record[:3]}"
+        return Row(name, n, error="malformed_row", detail=detail[:DETAIL_MAX])
+    try:
+        meta = _metadata(header[3:], record[3:], numbers)
+    except ValueError as exc:
+        return Row(name, n, op, pid, error="bad_metadata", detail=str(exc)[:DETAIL_MAX])
+    uri = _absolute(base, uri) if op == UPSERT else None
+    return Row(name, n, op, pid, uri, meta)
+
+
+def _metadata(columns: list[str], values: list[str], numbers: frozenset) -> dict:
+    out: dict = {}
+    for col, value in zip(columns, values, strict=True):
+        if value == "":
+            continue
+        out[col] = float(value) if col in numbers else value
+    return out
+
+
+def _absolute(base: str, uri: str) -> str:
+    """Image URIs as the catalog has them: absolute, or relative to the file's folder."""
+    return uri if "://" in uri or uri.startswith("/") else storage.join(base, uri)
+
+
+def list_feed(feed: str) -> dict[str, int]:
+    """{file name below the feed: size} of the landed CSV files, in name order."""
+    base = storage.normalize(feed)
+    out = {}
+    for e in storage.list_files(feed, (".csv",)):
+        name = e.uri[len(base) :].lstrip("/")
+        if not any(part.startswith((".", "_")) for part in name.split("/")):
+            out[name] = e.size
+    return dict(sorted(out.items()))
+
+
+# ------------------------------------------------------------------------ where the feed is
+
+
+def feed_key(feed: str) -> str:
+    return hashlib.sha256(storage.normalize(feed).encode()).hexdigest()[:16]
+
+
+def checkpoint_uri(index_root: str, feed: str) -> str:
+    return storage.join(updates.log_root(index_root), "feeds", f"{feed_key(feed)}.json")
+
+
+def error_uri(index_root: str, feed: str, file: str, row: int) -> str:
+    root = storage.join(updates.log_root(index_root), "errors", feed_key(feed))
+    return storage.join(root, file, f"{row:08d}.json")
+
+
+def _ranges(rows: set[int]) -> list[list[int]]:
+    """{1, 2, 3, 7} -> [[1, 3], [7, 7]]: a checkpoint stays small however long a file is."""
+    out: list[list[int]] = []
+    for r in sorted(rows):
+        if out and out[-1][1] == r - 1:
+            out[-1][1] = r
+        else:
+            out.append([r, r])
+    return out
+
+
+def _expand(ranges: list[list[int]]) -> set[int]:
+    return {r for lo, hi in ranges for r in range(lo, hi + 1)}
+
+
+@dataclass
+class FeedState:
+    """What of the feed is in the log: files done (name -> size read), rows handled in the
+    others, and the log position this reflects."""
+
+    position: Position = Position()
+    done: dict[str, int] = field(default_factory=dict)
+    handled: dict[str, set[int]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, index_root: str, feed: str) -> FeedState:
+        """The checkpoint, then every later log segment's rows of this feed."""
+        uri = checkpoint_uri(index_root, feed)
+        d = storage.read_json(uri) if storage.exists(uri) else {}
+        try:
+            state = cls(
+                Position.of(d.get("position")),
+                dict(d.get("done", {})),
+                {k: _expand(v) for k, v in d.get("partial", {}).items()},
+            )
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise StreamError(f"{uri}: malformed checkpoint: {exc}") from exc
+        for pos, found in updates.follow(index_root, state.position):
+            for u in found:
+                if (src := parse_source(u.source)) and src[0] not in state.done:
+                    state.handled.setdefault(src[0], set()).add(src[1])
+            state.position = pos
+        return state
+
+    def save(self, index_root: str, feed: str) -> None:
+        partial = {k: _ranges(v) for k, v in self.handled.items() if k not in self.done and v}
+        body = {
+            "feed": storage.normalize(feed),
+            "position": self.position.as_dict(),
+            "done": self.done,
+            "partial": partial,
+            "updated_unix": time.time(),
+        }
+        storage.write_json(checkpoint_uri(index_root, feed), body)
+
+
+# ------------------------------------------------------------------------ embedding
+
+
+class _LiveEmbed(EmbedBatch):
+    """EmbedBatch with the live version's own model: from_model_dict refuses other weights."""
+
+    def __init__(self, model: dict, device: str | None, threads: int | None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.embedder = embedders.from_model_dict(model, device=device)
+
+
+def embed_uris(cfg: Config, model: dict, table: pa.Table) -> Iterator[pa.Table]:
+    """(row, image_uri) -> batches of (row, embedding | null, error, detail), in input order."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars
+    # In order: batches are committed in feed order as soon as their rows are embedded. Set
+    # before the dataset is made, which takes its own copy of the context.
+    ctx.execution_options.preserve_order, ctx.enable_progress_bars = True, False
+    try:
+        yield from _pipeline(cfg, model, table).iter_batches(
+            batch_size=None, batch_format="pyarrow"
+        )
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+
+
+def _pipeline(cfg: Config, model: dict, table: pa.Table):
+    import ray
+
+    gpus = devices.cluster_gpus(cfg.gpus)
+    concurrency = max(1, int(gpus)) if gpus else 1
+    threads = None if gpus else max(1, int(ray.cluster_resources().get("CPU", 1)))
+    mode = model.get("preprocess", {}).get("mode", "pad")
+    preprocess = embedders.preprocess_for(model["model_id"], mode)
+    block = max(1, min(cfg.decode_batch_size, math.ceil(len(table) / 4)))
+    ds = ray.data.from_arrow([table.slice(i, block) for i in range(0, len(table), block)])
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"preprocess": preprocess, "limits": cfg.limits},
+        batch_size=cfg.decode_batch_size,
+        batch_format="pyarrow",
+        num_cpus=DECODE_CPUS,  # not 1: see jobs/embed.py (no fusion into the actors)
+        runtime_env=cluster.runtime_env(),
+    )
+    return ds.map_batches(
+        _LiveEmbed,
+        fn_constructor_args=(model, cfg.device, threads),
+        batch_size=cfg.embed_batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_gpus=1 if gpus else 0,
+        num_cpus=1,
+        runtime_env=cluster.runtime_env(),
+    )
+
+
+def _results(batch: pa.Table) -> dict[int, tuple[np.ndarray | None, str | None, str | None]]:
+    """An embed_uris batch as {row: (vector | None, error, detail)}."""
+    ok = pc.is_valid(batch["embedding"]).to_numpy(zero_copy_only=False)
+    vectors = schema.embedding_matrix(batch["embedding"].filter(pa.array(ok)))
+    good = iter(vectors)
+    rows, errors, details = (batch[c].to_pylist() for c in ("row", "error", "detail"))
+    return {
+        r: (next(good) if k else None, e, d)
+        for r, k, e, d in zip(rows, ok, errors, details, strict=True)
+    }
+
+
+# ------------------------------------------------------------------------ the job
+
+
+class _Progress:
+    """Progress lines every few seconds on stdout, and the same numbers as Ray metrics."""
+
+    def __init__(self, every_s: float):
+        from ray.util import metrics
+
+        self.every_s, self.start, self.last = every_s, time.monotonic(), 0.0
+        self.rows = self.errors = self.written = 0
+        self.rows_metric = metrics.Counter("visual_search_stream_rows", "feed rows handled")
+        self.lag_metric = metrics.Gauge("visual_search_stream_lag_rows", "feed rows pending")
+        self.seq_metric = metrics.Gauge("visual_search_stream_last_seq", "last seq written")
+
+    def add(self, rows: int, errors: int, written: int) -> None:
+        self.rows += rows
+        self.errors += errors
+        self.written += written
+        if rows:
+            self.rows_metric.inc(rows)
+
+    def rate(self) -> float:
+        return self.rows / max(time.monotonic() - self.start, 1e-9)
+
+    def report(self, lag_rows: int, lag_files: int, seq: int, force: bool = False) -> None:
+        now = time.monotonic()
+        self.lag_metric.set(lag_rows)
+        self.seq_metric.set(seq)
+        if force or now - self.last >= self.every_s:
+            self.last = now
+            print(
+                f"[stream] lag {lag_rows:,} rows + {lag_files:,} unread files; {self.rows:,} rows "
+                f"({self.written:,} written, {self.errors:,} errors) at {self.rate():.1f} rows/s; "
+                f"last seq {seq}",
+                flush=True,
+            )
+
+
+class _Stream:
+    """One stream job's state: the live version, the log writer, the feed's files and rows."""
+
+    def __init__(self, cfg: Config, stop: threading.Event):
+        self.cfg, self.stop = cfg, stop
+        self.state = FeedState.load(cfg.index_root, cfg.feed)
+        self.rows: dict[str, list[Row]] = {}  # parsed files not done yet
+        self.sizes: dict[str, int] = {}
+        self.warned: set[str] = set()
+        self.version = self.writer = None
+        self.progress = _Progress(cfg.progress_every_s)
+
+    def live(self) -> None:
+        """Follow CURRENT: upserts are embedded with the live version's model."""
+        name = versions.current(self.cfg.index_root)
+        if self.version is not None and name == self.version.manifest.version:
+            return
+        try:
+            self.version = versions.open_version(self.cfg.index_root, name)
+        except (FileNotFoundError, ValueError) as exc:
+            raise StreamError(str(exc)) from exc
+        m = self.version.manifest
+        start = max(self.state.position, Position.of(m.updates_through), key=lambda p: p.segment)
+        self.writer = updates.Writer(self.cfg.index_root, start, m.dim)
+        self.model_key = updates.model_key(m.model)
+        self.numbers = frozenset(c for c, t in self.version.filterable.items() if t == "number")
+
+    def scan(self) -> None:
+        """Pick up newly landed files; warn once about done files that changed."""
+        for name, size in list_feed(self.cfg.feed).items():
+            if name in self.state.done:
+                if size != self.state.done[name] and name not in self.warned:
+                    self.warned.add(name)
+                    print(f"[stream] warning: {name} changed after it was read; not re-read")
+            else:
+                self.sizes.setdefault(name, size)
+
+    def _rows_of(self, name: str) -> list[Row]:
+        if name not in self.rows:
+            uri = storage.join(self.cfg.feed, name)
+            try:
+                data = storage.read_bytes(uri, MAX_FILE_BYTES)
+            except storage.TooLarge as exc:
+                self.rows[name] = [Row(name, 0, error="too_large", detail=str(exc)[:DETAIL_MAX])]
+            else:
+                self.rows[name] = parse_file(name, uri, data, self.numbers)
+        return self.rows[name]
+
+    def pending(self, limit: int) -> list[Row]:
+        """Up to `limit` rows not yet handled, in feed order; files found all done are marked."""
+        out: list[Row] = []
+        for name in sorted(self.sizes):
+            handled = self.state.handled.get(name, set())
+            todo = [r for r in self._rows_of(name) if r.row not in handled]
+            if not todo:
+                self._finish(name)
+                continue
+            out.extend(todo[: limit - len(out)])
+            if len(out) >= limit:
+                break
+        return out
+
+    def _finish(self, name: str) -> None:
+        self.state.done[name] = self.sizes.pop(name)
+        self.state.handled.pop(name, None)
+        self.rows.pop(name, None)
+
+    def lag(self) -> tuple[int, int]:
+        """(rows pending in files read, files not read yet)."""
+        rows = sum(
+            len(self.rows[n]) - len(self.state.handled.get(n, ()))
+            for n in self.sizes
+            if n in self.rows
+        )
+        return rows, sum(1 for n in self.sizes if n not in self.rows)
+
+    def report(self, force: bool = False) -> None:
+        self.progress.report(*self.lag(), self.state.position.seq, force)
+
+    def run_round(self) -> int:
+        """Embed and commit up to one round of pending rows; returns how many were handled."""
+        self.live()
+        rows = self.pending(self.cfg.batch_rows * self.cfg.round_batches)
+        ups = [i for i, r in enumerate(rows) if r.error is None and r.op == UPSERT]
+        uris = [rows[i].image_uri for i in ups]
+        table = pa.table(
+            {"row": pa.array(ups, pa.int64()), "image_uri": pa.array(uris, pa.string())}
+        )
+        batches = embed_uris(self.cfg, self.version.manifest.model, table)
+        results: dict[int, tuple] = {}
+        done = 0
+        try:
+            for lo in range(0, len(rows), self.cfg.batch_rows):
+                hi = min(lo + self.cfg.batch_rows, len(rows))
+                while any(i not in results for i in ups if lo <= i < hi):
+                    if (batch := next(batches, None)) is None:
+                        raise StreamError("the embedding pipeline ended before every row came out")
+                    results.update(_results(batch))
+                self._commit(rows[lo:hi], [results.get(i) for i in range(lo, hi)])
+                done += hi - lo
+                self.report()
+                if self.stop.is_set():
+                    break
+        finally:
+            batches.close()  # a generator not started yet: no pipeline ever ran
+        return done
+
+    def _commit(self, rows: list[Row], embedded: list[tuple | None]) -> None:
+        """Errors first (idempotent by name), then the segment, then the checkpoint."""
+        good, bad = [], []
+        for row, res in zip(rows, embedded, strict=True):
+            if res is not None and res[0] is None:
+                row = dataclasses.replace(row, error=res[1], detail=res[2])
+            if row.error:
+                bad.append(row)
+            else:
+                good.append(self._update(row, res))
+        for row in bad:
+            self._write_error(row)
+        written = self.writer.append(good)
+        if written:
+            self.state.position = self.writer.position
+        for row in rows:
+            self.state.handled.setdefault(row.file, set()).add(row.row)
+        for name in {r.file for r in rows}:
+            if all(r.row in self.state.handled[name] for r in self.rows[name]):
+                self._finish(name)
+        self.state.save(self.cfg.index_root, self.cfg.feed)
+        self.progress.add(len(rows), len(bad), len(written))
+
+    def _update(self, row: Row, res: tuple | None) -> Update:
+        if row.op == DELETE:
+            return Update(DELETE, row.product_id, source=row.source)
+        return Update(
+            UPSERT, row.product_id, row.image_uri, row.metadata, res[0], self.model_key, row.source
+        )
+
+    def _write_error(self, row: Row) -> None:
+        record = {
+            "file": row.file,
+            "row": row.row,
+            "product_id": row.product_id or None,
+            "image_uri": row.image_uri,
+            "error": row.error,
+            "detail": row.detail,
+            "feed": storage.normalize(self.cfg.feed),
+            "unix": time.time(),
+        }
+        storage.write_json(error_uri(self.cfg.index_root, self.cfg.feed, row.file, row.row), record)
+
+
+def run(cfg: Config, stop: threading.Event | None = None) -> dict:
+    """Follow the feed until `stop` is set (or, with cfg.once, until nothing is pending);
+    returns the counts of this run."""
+    if cfg.s3_endpoint:
+        storage.configure(cfg.s3_endpoint)
+    if cfg.batch_rows < 1 or cfg.round_batches < 1 or cfg.poll_s < 0:
+        raise ValueError("--batch-rows and --round-batches must be >= 1, --poll-s >= 0")
+    if not storage.exists(cfg.feed) and cfg.once:
+        raise ValueError(f"{cfg.feed}: no such feed folder or prefix")
+    stop = stop or threading.Event()
+    cluster.init()
+    job = _Stream(cfg, stop)
+    job.live()
+    print(
+        f"[stream] {cfg.feed} -> {cfg.index_root} (version {job.version.manifest.version}); "
+        f"from seq {job.state.position.seq}, {len(job.state.done)} files done",
+        flush=True,
+    )
+    while not stop.is_set():
+        if storage.exists(cfg.feed):
+            job.scan()
+        if job.run_round() == 0:
+            if cfg.once:
+                break
+            job.report()
+            stop.wait(cfg.poll_s)
+    job.report(force=True)
+    p = job.progress
+    return {
+        "rows": p.rows,
+        "written": p.written,
+        "errors": p.errors,
+        "last_seq": job.state.position.seq,
+        "rows_per_s": round(p.rate(), 2),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
+    p.add_argument("--index-root", required=True, help="index root URI (CURRENT, updates/)")
+    p.add_argument("--feed", required=True, help="folder or prefix where the CSV files land")
+    p.add_argument("--poll-s", type=float, default=Config.poll_s, help="seconds between listings")
+    p.add_argument("--batch-rows", type=int, default=Config.batch_rows, help="rows per segment")
+    p.add_argument(
+        "--round-batches",
+        type=int,
+        default=Config.round_batches,
+        help="batches per Ray Data pipeline",
+    )
+    p.add_argument("--once", action="store_true", help="process what is there, then exit")
+    p.add_argument("--gpus", type=int, help=devices.GPUS_HELP)
+    p.add_argument("--device", help="torch device for the actors (default: auto)")
+    cli.add_s3_endpoint(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    stop = threading.Event()
+    cluster.init()  # first: Ray's own SIGTERM handler (abort) must not replace ours
+    saved = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}
+    try:
+        errors = (StreamError, updates.LogError)
+        return cli.exit_code("stream", lambda: run(cli.config(Config, args), stop), errors)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
