@@ -24,12 +24,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs import cli
-from visual_search import catalog, cluster, devices, embedders, images, schema, storage
+from visual_search import (
+    catalog,
+    cluster,
+    devices,
+    embedders,
+    embeddings,
+    images,
+    schema,
+    storage,
+)
 from visual_search.manifest import EmbeddingsManifest, FileRecord
 from visual_search.pipeline import EmbedBatch, decode_batch
 
 log = logging.getLogger("visual_search.embed")
 DECODE_CPUS = 0.5
+SUBDIRS = ("embeddings", "errors")
 
 
 @dataclass(frozen=True)
@@ -152,8 +162,8 @@ class _Progress:
 class _PartitionWriter:
     """Collects streamed rows by partition and writes each partition once it is complete."""
 
-    def __init__(self, cfg: Config, cat: catalog.Catalog, dim: int):
-        self.cfg, self.cat, self.dim = cfg, cat, dim
+    def __init__(self, cfg: Config, cat: catalog.Catalog):
+        self.cfg, self.cat = cfg, cat
         self.pending: dict[int, list[pa.Table]] = {}
         self.seen: dict[int, int] = {}
         self.records: dict[int, tuple[int, int]] = {}
@@ -179,26 +189,36 @@ class _PartitionWriter:
         expected = pa.array(range(start, start + self._expected(part)), pa.int64())
         if not rows["row"].combine_chunks().equals(expected):
             raise JobError(f"partition {part}: rows do not match the catalog's rows")
-        ok = pc.is_valid(rows["embedding"])
         meta = self.cat.table.take(rows["row"])
-        good = meta.filter(ok).append_column(
-            pa.field("embedding", schema.embedding_type(self.dim)),
-            rows["embedding"].filter(ok).combine_chunks(),
+        self.records[part] = write_partition(
+            self.cfg.out, part, meta, rows["embedding"], rows["error"], rows["detail"]
         )
-        bad = rows.filter(pc.invert(ok))
-        errors = pa.table(
-            [
-                meta["product_id"].filter(pc.invert(ok)),
-                meta["image_uri"].filter(pc.invert(ok)),
-                bad["error"],
-                bad["detail"],
-            ],
-            schema=schema.ERRORS_SCHEMA,
-        )
-        # Errors first: a partition counts as finished only when both files exist.
-        storage.write_parquet(storage.join(self.cfg.out, "errors", _part_name(part)), errors)
-        storage.write_parquet(storage.join(self.cfg.out, "embeddings", _part_name(part)), good)
-        self.records[part] = (good.num_rows, errors.num_rows)
+
+
+def write_partition(
+    out: str, part: int, meta: pa.Table, embedding: pa.Array, error: pa.Array, detail: pa.Array
+) -> tuple[int, int]:
+    """Write partition `part`: the catalog rows `meta` whose `embedding` is valid go to
+    embeddings/, the others with their `error` and `detail` to errors/; (embedded, errors)."""
+    if isinstance(embedding, pa.ChunkedArray):
+        embedding = embedding.combine_chunks()
+    ok = pc.is_valid(embedding)
+    field = pa.field("embedding", schema.embedding_type(embedding.type.list_size))
+    good = meta.filter(ok).append_column(field, embedding.filter(ok))
+    bad = pc.invert(ok)
+    errors = pa.table(
+        [
+            meta["product_id"].filter(bad),
+            meta["image_uri"].filter(bad),
+            error.filter(bad),
+            detail.filter(bad),
+        ],
+        schema=schema.ERRORS_SCHEMA,
+    )
+    # Errors first: a partition counts as finished only when both files exist.
+    storage.write_parquet(storage.join(out, "errors", _part_name(part)), errors)
+    storage.write_parquet(storage.join(out, "embeddings", _part_name(part)), good)
+    return good.num_rows, errors.num_rows
 
 
 def _stream(cfg: Config, cat: catalog.Catalog, todo_rows: pa.Array, dim: int):
@@ -281,6 +301,57 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 2)
 
 
+def _part_rows(out: str, name: str) -> tuple[int, int]:
+    """(embedded, errors) of a partition a previous run finished."""
+    return tuple(storage.parquet_num_rows(storage.join(out, sub, name)) for sub in SUBDIRS)
+
+
+def _write_manifest(
+    out: str,
+    model: dict,
+    cat: catalog.Catalog,
+    fingerprint: str,
+    partition_size: int,
+    records: list[tuple[int, int]],
+    timings: dict,
+    counts: dict | None = None,
+) -> EmbeddingsManifest:
+    """Check the counts of the written partitions against the catalog, then the manifest, last."""
+    names = [_part_name(i) for i in range(len(records))]
+    embedded = sum(r[0] for r in records)
+    n_errors = sum(r[1] for r in records)
+    if embedded + n_errors != cat.num_rows:
+        raise JobError(
+            f"count mismatch: catalog has {cat.num_rows} rows but {embedded} embedded + "
+            f"{n_errors} errors were written; manifest not written"
+        )
+    manifest = EmbeddingsManifest(
+        model=model,
+        catalog={
+            "uri": storage.normalize(cat.uri),
+            "kind": cat.kind,
+            "fingerprint": fingerprint,
+            "rows": cat.num_rows,
+            "metadata_columns": cat.metadata_columns,
+        },
+        counts={
+            "input": cat.num_rows,
+            "embedded": embedded,
+            "errors": n_errors,
+            "errors_by_code": _errors_by_code(out, names),
+            **(counts or {}),
+        },
+        partition_size=partition_size,
+        embeddings=[
+            FileRecord(f"embeddings/{n}", r[0]) for n, r in zip(names, records, strict=True)
+        ],
+        errors=[FileRecord(f"errors/{n}", r[1]) for n, r in zip(names, records, strict=True)],
+        timings=timings,
+    )
+    manifest.write(out)
+    return manifest
+
+
 def run(cfg: Config) -> EmbeddingsManifest:
     """Embed the catalog into cfg.out; returns the manifest written last."""
     started = time.time()
@@ -303,7 +374,7 @@ def run(cfg: Config) -> EmbeddingsManifest:
         flush=True,
     )
 
-    writer = _PartitionWriter(cfg, cat, model["dim"])
+    writer = _PartitionWriter(cfg, cat)
     t0 = time.monotonic()
     progress = _Progress(0, cfg.progress_every_s)
     if todo:
@@ -323,51 +394,19 @@ def run(cfg: Config) -> EmbeddingsManifest:
     seconds = time.monotonic() - t0
     processed = sum(e + r for e, r in writer.records.values())
 
-    emb_files, err_files = [], []
-    for i in range(n_parts):
-        name = _part_name(i)
-        if i in writer.records:
-            n_emb, n_err = writer.records[i]
-        else:
-            n_emb = storage.parquet_num_rows(storage.join(cfg.out, "embeddings", name))
-            n_err = storage.parquet_num_rows(storage.join(cfg.out, "errors", name))
-        emb_files.append(FileRecord(f"embeddings/{name}", n_emb))
-        err_files.append(FileRecord(f"errors/{name}", n_err))
-    embedded = sum(f.rows for f in emb_files)
-    n_errors = sum(f.rows for f in err_files)
-    if embedded + n_errors != cat.num_rows:
-        raise JobError(
-            f"count mismatch: catalog has {cat.num_rows} rows but {embedded} embedded + "
-            f"{n_errors} errors were written; manifest not written"
-        )
-    manifest = EmbeddingsManifest(
-        model=model,
-        catalog={
-            "uri": storage.normalize(cfg.catalog),
-            "kind": cat.kind,
-            "fingerprint": plan["fingerprint"],
-            "rows": cat.num_rows,
-            "metadata_columns": cat.metadata_columns,
-        },
-        counts={
-            "input": cat.num_rows,
-            "embedded": embedded,
-            "errors": n_errors,
-            "errors_by_code": _errors_by_code(cfg.out, [f.path.split("/")[1] for f in err_files]),
-        },
-        partition_size=cfg.partition_size,
-        embeddings=emb_files,
-        errors=err_files,
-        timings={
-            "started_unix": started,
-            "total_s": round(time.time() - started, 3),
-            "pipeline_s": round(seconds, 3),
-            "processed_this_run": processed,
-            "images_per_s": round(processed / seconds, 2) if processed else None,
-            "steady_images_per_s": _round(progress.steady_rate()),
-        },
+    records = [writer.records.get(i) or _part_rows(cfg.out, _part_name(i)) for i in range(n_parts)]
+    timings = {
+        "started_unix": started,
+        "total_s": round(time.time() - started, 3),
+        "pipeline_s": round(seconds, 3),
+        "processed_this_run": processed,
+        "images_per_s": round(processed / seconds, 2) if processed else None,
+        "steady_images_per_s": _round(progress.steady_rate()),
+    }
+    manifest = _write_manifest(
+        cfg.out, model, cat, plan["fingerprint"], cfg.partition_size, records, timings
     )
-    manifest.write(cfg.out)
+    embedded, n_errors = manifest.counts["embedded"], manifest.counts["errors"]
     rate = f"{processed / seconds:.1f} images/s" if processed else "nothing to do"
     print(
         f"[embed] done: {cat.num_rows:,} images, {embedded:,} embedded, {n_errors:,} errors "
@@ -376,6 +415,55 @@ def run(cfg: Config) -> EmbeddingsManifest:
         flush=True,
     )
     return manifest
+
+
+def assemble(
+    out: str,
+    cat: catalog.Catalog,
+    model: dict,
+    sources: list[tuple[embeddings.Dataset, np.ndarray]],
+    errors: pa.Table,
+    partition_size: int,
+    counts: dict,
+) -> EmbeddingsManifest:
+    """A complete dataset at `out` of every row of `cat`, laid out as `run` writes it, from
+    vectors already made: `sources` are (dataset, int64 id of each catalog row in it or -1);
+    a row no source has is an error, with its `row`, `error` and `detail` in `errors`."""
+    started = time.time()
+    storage.delete(storage.join(out, "manifest.json"))  # incomplete until the new one is written
+    records = []
+    for part in range(math.ceil(cat.num_rows / partition_size)):
+        lo, hi = part * partition_size, min(cat.num_rows, (part + 1) * partition_size)
+        vectors = np.zeros((hi - lo, model["dim"]), np.float32)
+        found = np.zeros(hi - lo, bool)
+        for ds, ids in sources:
+            sel = np.flatnonzero(ids[lo:hi] >= 0)
+            if len(sel):
+                got, mat = ds.read_ids(ids[lo + sel])
+                vectors[sel] = mat[np.searchsorted(got, ids[lo + sel])]
+                found[sel] = True
+        error, detail = _errors_between(errors, lo, hi)
+        if (~found & pc.is_null(error).to_numpy(zero_copy_only=False)).any():
+            raise JobError(f"partition {part}: rows with neither a vector nor an error")
+        embedding = pa.FixedSizeListArray.from_arrays(
+            schema.embedding_array(vectors).values, model["dim"], mask=pa.array(~found)
+        )
+        meta = cat.table.slice(lo, hi - lo)
+        records.append(write_partition(out, part, meta, embedding, error, detail))
+    timings = {"started_unix": started, "total_s": round(time.time() - started, 3)}
+    return _write_manifest(
+        out, model, cat, cat.fingerprint(), partition_size, records, timings, counts
+    )
+
+
+def _errors_between(errors: pa.Table, lo: int, hi: int) -> tuple[pa.Array, pa.Array]:
+    """(error, detail) of catalog rows [lo, hi): null where `errors` has no row."""
+    rows = errors["row"].to_numpy()
+    inside = np.flatnonzero((rows >= lo) & (rows < hi))
+    out = [np.full(hi - lo, None, object) for _ in range(2)]
+    for values, column in zip(out, ("error", "detail"), strict=True):
+        values[rows[inside] - lo] = errors[column].take(pa.array(inside)).to_pylist()
+    return tuple(pa.array(v, pa.string()) for v in out)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
