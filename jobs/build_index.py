@@ -49,6 +49,11 @@ class BuildError(RuntimeError):
     """The build cannot produce a version that meets its contract; nothing was published."""
 
 
+class RecallError(BuildError):
+    """The index misses the recall target (a reused template that no longer fits, or a factory
+    too coarse for these vectors)."""
+
+
 class GateError(BuildError):
     """The version is complete and verified but a quality gate refused it: CURRENT stays put."""
 
@@ -101,7 +106,7 @@ def _tune(cfg: Config, grid: list[dict], filled: list[dict], query_ids: np.ndarr
         if recall >= cfg.target_recall:
             return params, recall, truth, curve
     best = max(curve, key=lambda c: c[1])
-    raise BuildError(
+    raise RecallError(
         f"recall@{K} {best[1]:.3f} at best ({best[0]}) is below the target {cfg.target_recall}; "
         "choose a richer --factory or a larger --memory-budget"
     )
@@ -123,7 +128,7 @@ def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> Ind
     if cfg.keep < 1:
         raise ValueError("--keep must be >= 1")
     dataset = embeddings.open_dataset(cfg.embeddings)
-    through = cfg.updates_through or _log_snapshot(cfg.index_root)
+    through = cfg.updates_through or log_snapshot(cfg.index_root)
     n, d = dataset.count, dataset.dim
     if n < cfg.shards:
         raise BuildError(f"{n} vectors cannot fill {cfg.shards} shards")
@@ -187,7 +192,7 @@ def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> Ind
     found = merge_topk(answers, K + 1, cfg.metric)[1]
     recall_written = index.recall_at_k(found, truth, K, exclude=query_ids)
     if recall_written < cfg.target_recall:
-        raise BuildError(
+        raise RecallError(
             f"recall@{K} of the files as written is {recall_written:.4f} < {cfg.target_recall}"
         )
     _say(f"verified {cfg.shards} shard file(s): checksums, counts, recall@{K} {recall_written:.4f}")
@@ -242,7 +247,7 @@ def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> Ind
 TEMPLATE_FILE = "template.faiss"
 
 
-def _log_snapshot(index_root: str) -> dict:
+def log_snapshot(index_root: str) -> dict:
     """The update log position this build's catalog is taken to reflect: its tail at the start
     (later updates are applied on top of the new version by the service)."""
     live = versions.current(index_root)

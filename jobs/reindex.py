@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs import build_index, cli, embed, evaluate, tune
-from visual_search import embedders, embeddings, increments, index, storage, updates, versions
+from visual_search import embedders, embeddings, increments, index, storage, versions
 from visual_search.manifest import IndexManifest
 
 
@@ -211,14 +211,6 @@ def previous(cfg: Config, index_root: str) -> tuple[Previous | None, str]:
     return Previous(live, dataset, keys), f"live version {live_id} has the same base model"
 
 
-def _updates_through(index_root: str) -> dict:
-    """The update log's tail now: the catalog snapshot is taken after it, so the new version
-    need not re-apply it, and the service applies what is acknowledged later."""
-    live = versions.current(index_root)
-    start = versions.open_version(index_root, live).manifest.updates_through if live else None
-    return updates.tail(index_root, updates.Position.of(start)).as_dict()
-
-
 def _full(cfg: Config, snap: increments.Snapshot, build: build_index.Config):
     """Embed every row (a rerun resumes), tune, key the dataset the build uses."""
     embed.run(cfg.embed)
@@ -328,9 +320,7 @@ def build_with_fallback(build: build_index.Config, factory: str, gate) -> IndexM
         return build_index.run(build, gate=gate)
     try:
         return build_index.run(build, gate=gate)
-    except build_index.GateError:
-        raise  # the version's quality, not the template's fit
-    except build_index.BuildError as exc:
+    except build_index.RecallError as exc:
         say(f"the reused template failed ({exc}); retraining the template")
     return build_index.run(dataclasses.replace(build, template=None, factory=factory), gate=gate)
 
@@ -339,7 +329,7 @@ def run(cfg: Config) -> IndexManifest:
     started = time.time()
     snap = cfg.snapshot or increments.snapshot(cfg.embed.catalog)
     index_root = cfg.build.index_root
-    build = dataclasses.replace(cfg.build, updates_through=_updates_through(index_root))
+    build = dataclasses.replace(cfg.build, updates_through=build_index.log_snapshot(index_root))
     prev, why = previous(cfg, index_root)
     say(f"{'incremental' if prev else 'full'} re-index: {why}")
     build = _incremental(cfg, snap, prev, build) if prev else _full(cfg, snap, build)
