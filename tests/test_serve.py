@@ -606,6 +606,11 @@ def test_collapse_keeps_one_product_per_group(svc):
         keys = group_keys(body, groups)
         assert body["collapsed"] is True and len(keys) == len(set(keys)) == min(k, len(others))
     assert set(group_keys(body, groups)) == others
+    # Collapsed, an item's own near-duplicates are not its "similar" products; plain, they are.
+    plain = assert_answer(svc.get(f"/products/{TWINS[0]}/similar", params={"k": 5}))
+    assert TWINS[1] in pids(plain)
+    body = assert_answer(svc.get(f"/products/{TWINS[0]}/similar", params={"k": 5, "collapse": 1}))
+    assert not set(TWINS) & set(pids(body)) and len(body["results"]) == 5
     # Text search too.
     text = {"q": "product", "k": N_PRODUCTS, "collapse": "true"}
     body = assert_text_answer(svc.get("/search", params=text))
@@ -832,6 +837,9 @@ def test_health_ready_version(svc):
     assert body["factory"] == manifest.factory
     assert body["shards"] == SHARDS
     assert "recall_at_10" in body["recall"] and "curve" not in body["recall"]
+    assert body["filterable"] == {"category": "string", "price": "number"}
+    assert "title" in body["text"]
+    assert body["updates"]["seq"] == 0 and body["updates"]["since_version"] == 0
 
 
 def test_web_page(svc):

@@ -171,8 +171,11 @@ def best_per_product(
     group_of: dict | None = None,
 ) -> list[tuple[int, float]]:
     """One (id, score) per product, best photo first, from a merged sorted result row; with
-    `group_of` (product -> near-duplicate group), one per group (collapse=true)."""
+    `group_of` (product -> near-duplicate group), one per group (collapse=true), and never one
+    of the `exclude`d product's own group (its twins are the item itself, for a shopper)."""
     out, seen = [], set()
+    if group_of and exclude is not None:
+        seen.add(group_of.get(exclude, exclude))
     for gid, score in zip(ids.tolist(), scores.tolist(), strict=True):
         if gid < 0:
             break

@@ -572,6 +572,9 @@ class Ingress:
             "shards": len(m.shards),
             "recall": {k: v for k, v in m.recall.items() if k != "curve"},
             "groups": self.state.group_count,
+            # what filter= accepts ({field: "string" | "number"}) and whether ?q= is served
+            "filterable": self.state.filterable,
+            "text": m.text["columns"] if m.text else None,
             "updates": {
                 "seq": self.state.seq,
                 "through": updates.Position.of(m.updates_through).as_dict(),
