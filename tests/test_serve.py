@@ -522,6 +522,25 @@ def test_text_search(svc):
     assert_error(svc.get("/search"), 400, "bad_request")
 
 
+def test_hybrid_search_fuses_the_photo_and_the_words(svc):
+    """POST /search?q=: the photo's ranking and the words' ranking, fused by reciprocal rank."""
+    photo = svc.files["p003.jpg"]
+    alone = pids(assert_answer(svc.search(photo, k=N_PRODUCTS)))
+    far = next(p for p in reversed(alone) if p != "p000")  # the photo's least like product
+    assert alone[0] == "p003"
+    # Its number alone: a word of its title only, so the text ranking holds it alone.
+    body = assert_answer(svc.search(photo, k=5, q=str(int(far[1:]))))
+    assert body["fusion"] == {"method": "rrf", "k": 60} and len(body["results"]) == 5
+    assert pids(body)[:2] == ["p003", far]  # each first in one ranking; ties: the photo's first
+    ranks = {row["product_id"]: row["ranks"] for row in body["results"]}
+    assert ranks["p003"] == {"image": 1, "text": None} and ranks[far] == {"image": None, "text": 1}
+    scores = [row["score"] for row in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    rare = assert_answer(svc.search(photo, k=3, q="product", category="rare"))
+    assert set(pids(rare)) <= set(RARE)
+    assert_error(svc.search(photo, q=""), 400, "bad_request")
+
+
 def assert_text_answer(r: requests.Response) -> dict:
     assert r.status_code == 200, (r.status_code, r.text[:500])
     body = r.json()

@@ -18,6 +18,10 @@ from visual_search.versions import Version
 
 # Oversampling rounds when several photos of one product crowd the top-k.
 MAX_WIDEN = 6
+# Hybrid search: each ranking contributes its top FUSION_DEPTH (at least), fused with
+# reciprocal rank fusion, 1 / (RRF_K + rank) per list (Cormack et al.'s constant).
+FUSION_DEPTH = 20
+RRF_K = 60
 # Filters whose matching ids a shard keeps (a category or filter a shopper repeats is cheap).
 FILTER_CACHE = 64
 
@@ -235,3 +239,21 @@ async def preferring_search(
     seen = {keys.get(p, p) for p in (docs.product_of(gid) for gid, _ in own)}
     rest = [(gid, s) for gid, s in near if keys.get(p := docs.product_of(gid), p) not in seen]
     return (own + rest)[:k]
+
+
+def fuse(rankings: list[list[dict]], k: int, names: tuple[str, ...]) -> list[dict]:
+    """Result rows of several rankings of products (best first) fused by reciprocal rank: the
+    first row seen of each product, `score` = sum of 1 / (RRF_K + rank), and `ranks` = its
+    1-based rank in each (None where absent); the best k, ties by first appearance."""
+    rows: dict[str, dict] = {}
+    for name, ranking in zip(names, rankings, strict=True):
+        for rank, row in enumerate(ranking, 1):
+            fused = rows.setdefault(
+                row["product_id"], {**row, "score": 0.0, "ranks": dict.fromkeys(names)}
+            )
+            fused["score"] += 1.0 / (RRF_K + rank)
+            fused["ranks"][name] = rank
+    best = sorted(rows.values(), key=lambda r: -r["score"])  # stable: first appearance wins ties
+    for row in best:
+        row["score"] = round(row["score"], 6)
+    return best[:k]

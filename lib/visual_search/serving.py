@@ -70,6 +70,14 @@ MinSeq = Annotated[
         f"reflected; 503 stale after about {live.STALE_WAIT_S:g} s",
     ),
 ]
+HybridText = Annotated[
+    str | None,
+    Query(
+        min_length=1,
+        max_length=fulltext.MAX_QUERY_CHARS,
+        description="words to search with the photo (hybrid: both rankings fused by RRF)",
+    ),
+]
 Collapse = Annotated[
     bool,
     Query(
@@ -400,7 +408,10 @@ class Ingress:
         filter_text: FilterText = None,
         collapse: Collapse = False,
         min_seq: MinSeq = 0,
+        q: HybridText = None,
     ) -> dict:
+        """Products like the photo; with `q`, hybrid: the photo's and the words' rankings fused
+        (reciprocal rank fusion), each result saying its `ranks`."""
         stage = Stages()
         data = await self._upload(request, stage)
 
@@ -408,8 +419,18 @@ class Ingress:
             return *await self._embed(state, data, stage), None
 
         where = (category, filter_text)
-        args = (response, stage, upload_query, k, where)
-        return await self._query(*args, collapse=collapse, min_seq=min_seq)
+        width = k if q is None else min(max(2 * k, query.FUSION_DEPTH), 100)
+        args = (response, stage, upload_query, width, where)
+        answer = await self._query(*args, collapse=collapse, min_seq=min_seq)
+        if q is None:
+            return answer
+        args = (response, Stages(), self._text_query(q), width, where)
+        words = await self._query(*args, collapse=collapse, min_seq=min_seq)
+        answer["results"] = query.fuse([answer["results"], words["results"]], k, ("image", "text"))
+        answer["seq"] = min(answer["seq"], words["seq"])
+        answer["partial"] = answer["partial"] or words["partial"]
+        answer["fusion"] = {"method": "rrf", "k": query.RRF_K}
+        return answer
 
     @app.get("/search")
     async def text_search(
@@ -423,15 +444,18 @@ class Ingress:
         min_seq: MinSeq = 0,
     ) -> dict:
         """Products whose title and text metadata match q (BM25), best first."""
+        where = (category, filter_text)
+        args = (response, Stages(), self._text_query(q), k, where)
+        return await self._query(*args, collapse=collapse, min_seq=min_seq)
 
+    @staticmethod
+    def _text_query(q: str):
         async def text_query(state: _State, stage: Stages):
             if not state.version.manifest.text:
                 raise ApiError(409, "no_text_index", f"version {state.name} has no text index")
             return q, None, None
 
-        where = (category, filter_text)
-        args = (response, Stages(), text_query, k, where)
-        return await self._query(*args, collapse=collapse, min_seq=min_seq)
+        return text_query
 
     @app.get("/products/{product_id:path}/similar")
     async def similar(
