@@ -509,6 +509,7 @@ class Ingress:
 
     @app.get("/products/{product_id:path}/image")
     async def product_image(self, product_id: str, id: int | None = None) -> Response:
+        self._ensure_following()
         state = self.state
         ids = state.docs.ids_of(product_id)
         if not len(ids) or (id is not None and id not in set(ids.tolist())):
@@ -577,10 +578,12 @@ class Ingress:
 
     @app.get("/readyz")
     async def readyz(self) -> dict:
+        self._ensure_following()
         return {"status": "ready", "index_version": self.state.name}
 
     @app.get("/version")
     async def version(self) -> dict:
+        self._ensure_following()
         m = self.state.version.manifest
         built = datetime.fromtimestamp(m.created_unix, UTC)
         return {
@@ -668,6 +671,7 @@ class Ingress:
             raise ApiError(409, "incompatible_version", f"cannot load its model: {exc}") from exc
 
     def _first_id(self, state: _State, product_id: str) -> int:
+        self._ensure_following()
         ids = state.docs.ids_of(product_id)
         if not len(ids):
             raise ApiError(404, "unknown_product", f"no product {product_id!r} in the index")
