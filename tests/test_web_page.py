@@ -346,6 +346,27 @@ def test_text_search_shows_cards_for_a_title_word(browser, app_url, catalog):
     assert _requests_to(browser, "search?") == sent
 
 
+def test_photo_with_words_is_a_hybrid_search(browser, app_url, catalog):
+    url, _ = app_url
+    root, rows = catalog
+    query = rows[5]
+    _open(browser, url)
+    _type(browser, "q", "bags")  # typed, not submitted: the photo search takes the words along
+    _upload(browser, root / query["image_uri"])
+    cards = _answer(browser, K_DEFAULT, "the hybrid search's cards")
+    status = browser.find_element("id", "status").text
+    assert "for the photo and “bags”" in status, status
+    assert _requests_to(browser, "q=bags") == 1
+    answer = requests.post(
+        url + "search",
+        params={"q": "bags"},
+        files={"image": (query["image_uri"], (root / query["image_uri"]).read_bytes())},
+        timeout=WAIT_S,
+    ).json()
+    assert answer["fusion"]["method"] == "rrf", answer
+    assert [c["pid"] for c in cards] == [r["product_id"] for r in answer["results"]], answer
+
+
 def test_malformed_filter_shows_the_server_message(browser, app_url, catalog):
     url, _ = app_url
     root, rows = catalog
