@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import threading
@@ -96,7 +97,12 @@ class _Snapshot:
     seq: int
     dead: np.ndarray  # tombstoned ids in this shard's base range
     delta_ids: np.ndarray  # live new ids this shard holds
-    delta_docs: pa.Table | None  # their docs, for filters
+    delta_rows: tuple[dict, ...]  # their docs
+
+    @functools.cached_property
+    def delta_docs(self) -> pa.Table:
+        """The new items' docs as a table, for filters: built only when a filter needs it."""
+        return pa.Table.from_pylist(list(self.delta_rows))
 
 
 class LiveShard:
@@ -135,8 +141,8 @@ class LiveShard:
         if self._snap_at != ov.version:
             dead = np.array(sorted(g for g in ov.dead if self.lo <= g < self.hi), np.int64)
             mine = [g for g in ov.live.values() if g in self.vectors]
-            docs = pa.Table.from_pylist([{**ov.rows[g], "id": g} for g in mine]) if mine else None
-            self._snap = _Snapshot(ov.seq, dead, np.array(mine, np.int64), docs)
+            rows = tuple({**ov.rows[g], "id": g} for g in mine)
+            self._snap = _Snapshot(ov.seq, dead, np.array(mine, np.int64), rows)
             self._snap_at = ov.version
         return self._snap
 
