@@ -4,6 +4,9 @@ python -m serve.demo --index-root DIR [--query IMAGE] [--port 8000] [--once]
 """
 
 import argparse
+import io
+import os
+import secrets
 import sys
 import time
 
@@ -12,6 +15,32 @@ from ray import serve
 
 from serve.app import AppArgs, build_app
 from visual_search import cluster, storage, versions
+
+KEY_ENV = "VISUAL_SEARCH_API_KEY"
+
+
+def live_update(url: str, key: str, data: bytes) -> None:
+    """Add a product through PUT /products/{id}, find it with min_seq, then delete it."""
+    from PIL import Image
+
+    mirrored = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").transpose(Image.FLIP_LEFT_RIGHT).save(
+        mirrored, "JPEG"
+    )
+    headers = {"X-API-Key": key}
+    files = {"image": ("new.jpg", mirrored.getvalue(), "image/jpeg")}
+    started = time.monotonic()
+    put = requests.put(f"{url}/products/demo-new", files=files, headers=headers, timeout=60)
+    put.raise_for_status()
+    seq = put.json()["seq"]
+    found = requests.post(
+        f"{url}/search?k=1&min_seq={seq}", data=mirrored.getvalue(), timeout=60
+    ).json()
+    took = (time.monotonic() - started) * 1000
+    top = found["results"][0]["product_id"] if found["results"] else None
+    print(f"[demo] live update: PUT /products/demo-new -> seq {seq}; searched with", flush=True)
+    print(f"[demo]   min_seq={seq}: top result {top!r} ({took:.0f} ms from upload to answer)")
+    requests.delete(f"{url}/products/demo-new", headers=headers, timeout=60).raise_for_status()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     cluster.use_serve_env(drain_s=1)  # one machine: no load balancer to deregister from
+    # Admin writes need a key: one made for this demo unless one is set (replicas inherit it).
+    os.environ.setdefault(KEY_ENV, secrets.token_urlsafe(24))
     ray.init()
     serve.start(http_options={"host": args.host, "port": args.port})
     root = storage.normalize(args.index_root)
@@ -39,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         title = r.get("title") or ""
         print(f"[demo]   {i}. {r['product_id']:<50} {title[:30]:<30} {r['score']:.3f}")
     print(f"[demo] took {answer['took_ms']} ms. Open {url}/ to search by photo.", flush=True)
+    live_update(url, os.environ[KEY_ENV], data)
     if args.once:
         serve.shutdown()
         return 0
