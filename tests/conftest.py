@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 
@@ -44,6 +45,30 @@ def ray_local():
     )
     yield ray
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def serve_ray(key_env: str, key: str):
+    """A local Ray for a Serve app whose replicas see `key` in `key_env` (set before ray.init:
+    they inherit the environment); Serve, then Ray, stopped and the variable restored after."""
+    import ray
+    from ray import serve
+
+    previous = os.environ.get(key_env)
+    os.environ[key_env] = key
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            if previous is None:
+                os.environ.pop(key_env, None)
+            else:
+                os.environ[key_env] = previous
 
 
 def draw_product(seed: int, size: tuple[int, int] = (96, 80)) -> Image.Image:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import requests
-from conftest import draw_product
+from conftest import draw_product, serve_ray
 from PIL import Image
 from ports import free_port
 
@@ -78,7 +78,6 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    import ray
     from ray import serve
 
     from serve.app import AppArgs, build_app
@@ -93,11 +92,7 @@ def live(tmp_path_factory):
     pq.write_table(pa.Table.from_pylist(rows), root / "catalog.parquet")
     work = str(tmp_path_factory.mktemp("live_work") / "emb")
     index_root = str(tmp_path_factory.mktemp("live_index"))
-    previous_key = os.environ.get(KEY_ENV)
-    os.environ[KEY_ENV] = API_KEY
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with serve_ray(KEY_ENV, API_KEY):
         embed.run(embed.Config(catalog=str(root / "catalog.parquet"), out=work, batch_size=16))
         cfg = build_index.Config(embeddings=work, index_root=index_root, shards=SHARDS)
         build_index.run(cfg)
@@ -110,15 +105,6 @@ def live(tmp_path_factory):
         service = Live(f"http://127.0.0.1:{port}", index_root)
         yield service
         service.http.close()
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            if previous_key is None:
-                os.environ.pop(KEY_ENV, None)
-            else:
-                os.environ[KEY_ENV] = previous_key
 
 
 def accepted(r: requests.Response, pid: str) -> int:

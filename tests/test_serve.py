@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 import torch
-from conftest import draw_product
+from conftest import draw_product, serve_ray
 from PIL import Image
 from ports import free_port
 
@@ -127,7 +127,6 @@ class Service:
 
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory):
-    import ray
     from ray import serve
 
     from serve.app import AppArgs, build_app
@@ -137,11 +136,7 @@ def svc(tmp_path_factory):
     work = str(tmp_path_factory.mktemp("serve_work") / "emb")
     index_root = str(tmp_path_factory.mktemp("serve_index"))
 
-    previous_key = os.environ.get(KEY_ENV)
-    os.environ[KEY_ENV] = API_KEY  # before ray.init: the replicas inherit the environment
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with serve_ray(KEY_ENV, API_KEY):
         embed.run(embed.Config(catalog=str(root / "catalog.parquet"), out=work, batch_size=16))
         manifest = build_index.run(
             build_index.Config(embeddings=work, index_root=index_root, shards=SHARDS)
@@ -171,15 +166,6 @@ def svc(tmp_path_factory):
         )
         yield service
         service.session.close()
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            if previous_key is None:
-                os.environ.pop(KEY_ENV, None)
-            else:
-                os.environ[KEY_ENV] = previous_key
 
 
 # ------------------------------------------------------------------------------- helpers
