@@ -883,16 +883,25 @@ def main(argv: list[str] | None = None) -> int:
         complete = True
     finally:
         # 6. teardown (every load loop has already stopped on its own bound)
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
-        results["loadavg_end"] = os.getloadavg()
-        results["complete"] = complete
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
-        storage.write_json(args.json, results)
-        print(f"wrote {args.json}{'' if complete else ' (partial: the run failed)'}", flush=True)
+        finish(args, work, results, complete)
     return 0
+
+
+def finish(args, work: str, results: dict, complete: bool) -> None:
+    """A bench run's teardown: Serve and Ray stopped, its temp folder removed (unless --work
+    named one), the figures written to --json, marked partial when the run failed."""
+    import ray
+    from ray import serve
+
+    with contextlib.suppress(Exception):
+        serve.shutdown()
+    ray.shutdown()
+    results["loadavg_end"] = os.getloadavg()
+    results["complete"] = complete
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    storage.write_text(args.json, json.dumps(results, indent=2, sort_keys=True, default=str))
+    print(f"wrote {args.json}{'' if complete else ' (partial: the run failed)'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -35,13 +35,11 @@ Prints `key value` lines and writes everything to --json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import io
 import json
 import os
 import secrets
-import shutil
 import sys
 import tempfile
 import threading
@@ -709,17 +707,7 @@ def main(argv: list[str] | None = None) -> int:
             report("recall", results["recall"])
         complete = True
     finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
-        results["loadavg_end"] = os.getloadavg()
-        results["complete"] = complete
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
-        os.makedirs(os.path.dirname(args.json), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True, default=str)
-        print(f"wrote {args.json}{'' if complete else ' (partial: the run failed)'}", flush=True)
+        bench_serve.finish(args, work, results, complete)
     return 0
 
 
