@@ -150,8 +150,7 @@ def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> Ind
     t0 = time.monotonic()
     if cfg.template:
         trained = storage.read_bytes(cfg.template)
-        _check_template(trained, d, cfg.metric, cfg.template)
-        grid = index.param_grid(index.from_bytes(trained))
+        grid = index.param_grid(_checked_template(trained, d, cfg.metric, cfg.template))
         _say(f"reusing the trained template {cfg.template} ({factory})")
     else:
         train = ray.remote(train_template).options(num_gpus=gpus, runtime_env=env)
@@ -267,14 +266,16 @@ def _write_template(root: str, trained: bytes) -> dict:
     return {"file": TEMPLATE_FILE, "sha256": hashlib.sha256(trained).hexdigest()}
 
 
-def _check_template(trained: bytes, d: int, metric: str, uri: str) -> None:
-    """A reused template must be trained, empty, and of these vectors' dimension and metric."""
+def _checked_template(trained: bytes, d: int, metric: str, uri: str) -> faiss.Index:
+    """A reused template, once checked trained, empty, and of these vectors' dimension and
+    metric."""
     template = index.from_bytes(trained)
     want = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
     if template.d != d or template.metric_type != want or not template.is_trained:
         raise BuildError(f"template {uri}: not a trained {metric} index of dimension {d}")
     if template.ntotal:
         raise BuildError(f"template {uri}: holds {template.ntotal} vectors, expected none")
+    return template
 
 
 def _docs_indexes(cfg: Config, root: str, records, env) -> tuple[dict, dict | None, float]:

@@ -247,7 +247,7 @@ class Churn:
         for n in range(400):  # bounded
             if self.stop.is_set():
                 break
-            pid = f"c{seed_of(self.rng)}"
+            pid = f"c{self.rng.randrange(12)}"
             seed: int | None = 2000 + n
             try:
                 if self.acked.get(pid, (0, None))[1] is not None and self.rng.random() < 0.3:
@@ -263,10 +263,6 @@ class Churn:
             elif r.status_code >= 500:
                 self.uncertain.add(pid)
             time.sleep(0.02)
-
-
-def seed_of(rng: random.Random) -> int:
-    return rng.randrange(12)
 
 
 def _wait_healthy(service: Live, timeout: float = 120) -> None:

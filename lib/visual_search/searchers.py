@@ -7,7 +7,7 @@ from collections import OrderedDict
 import numpy as np
 from ray import serve
 
-from visual_search import embedders, live, storage, updates, versions
+from visual_search import embedders, live, storage, versions
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
@@ -29,8 +29,7 @@ class ShardSearcher:
 
     def _open(self, version: versions.Version) -> live.LiveShard:
         shard = live.LiveShard(version, self.shard, self.index_root, self.mmap)
-        for pos, batch in updates.follow(self.index_root, shard.overlay.position):
-            shard.overlay.apply(pos, batch)  # not yet shared: no lock needed
+        shard.overlay.catch_up(self.index_root)  # not yet shared: no lock needed
         return shard
 
     async def _get(self, version: str, min_seq: int = 0) -> live.LiveShard:

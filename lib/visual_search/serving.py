@@ -230,8 +230,7 @@ class Ingress:
         base = query.Docs.load(version)
         start = updates.check_reachable(self.index_root, updates.Position.of(m.updates_through))
         overlay = updates.Overlay(base.base_ids_of, start, updates.model_key(m.model))
-        for pos, batch in updates.follow(self.index_root, start):
-            overlay.apply(pos, batch)
+        overlay.catch_up(self.index_root)
         state = _State(version, dataclasses.replace(base, overlay=overlay), local, groups)
         state.follower = live.Follower(self.index_root, overlay)
         writer = updates.Writer(self.index_root, overlay.position, m.dim)

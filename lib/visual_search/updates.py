@@ -15,6 +15,7 @@ shard seq % shards.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -248,21 +249,14 @@ class Writer:
         their seqs."""
         if not updates:
             return []
-        low = floor(self.index_root)
-        if low.segment > self.position.segment:
-            self.position = low
-        self.position = tail(self.index_root, self.position)
+        self.position = snapshot(self.index_root, self.position)
         while True:
             n, first = self.position.segment + 1, self.position.seq + 1
             data = _encode(updates, first, self.dim)
             if storage.create_exclusive(segment_uri(self.index_root, n), data):
                 self.position = Position(first + len(updates) - 1, n)
-                return [_with_seq(u, first + i) for i, u in enumerate(updates)]
+                return [dataclasses.replace(u, seq=first + i) for i, u in enumerate(updates)]
             self.position = tail(self.index_root, self.position)  # another writer won n
-
-
-def _with_seq(u: Update, seq: int) -> Update:
-    return Update(u.op, u.product_id, u.image_uri, u.metadata, u.vector, u.model, u.source, seq)
 
 
 class Overlay:
