@@ -35,10 +35,9 @@ from visual_search import (
     storage,
 )
 from visual_search.manifest import EmbeddingsManifest, FileRecord
-from visual_search.pipeline import EmbedBatch, decode_batch
+from visual_search.pipeline import EmbedBatch, decode_and_embed
 
 log = logging.getLogger("visual_search.embed")
-DECODE_CPUS = 0.5
 SUBDIRS = ("embeddings", "errors")
 
 
@@ -255,37 +254,14 @@ def _pipeline(cfg: Config, blocks: list[pa.Table], concurrency: int, gpus: float
     import ray
 
     ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={
-            "preprocess": embedders.preprocess_for(cfg.model, cfg.preprocess),
-            "limits": cfg.limits,
-        },
-        batch_size=cfg.decode_batch_size,
-        batch_format="pyarrow",
-        # Not 1 like the embedding actors: equal remote args would let Ray Data fuse decoding
-        # into the actors, and the (GPU) actors would then decode serially.
-        num_cpus=DECODE_CPUS,
-        runtime_env=cluster.runtime_env(),
-    )
-    ds = ds.map_batches(
-        EmbedBatch,
-        fn_constructor_args=(
-            cfg.model,
-            cfg.weights,
-            cfg.random_weights,
-            cfg.preprocess,
-            cfg.device,
-            threads,
-            cfg.head,
-        ),
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_gpus=1 if gpus else 0,
-        num_cpus=1,
-        runtime_env=cluster.runtime_env(),
-    )
+    decode = {
+        "preprocess": embedders.preprocess_for(cfg.model, cfg.preprocess),
+        "limits": cfg.limits,
+        "batch_size": cfg.decode_batch_size,
+    }
+    model = (cfg.model, cfg.weights, cfg.random_weights, cfg.preprocess, cfg.device, threads)
+    embed = {"cls": EmbedBatch, "args": (*model, cfg.head), "batch_size": cfg.batch_size}
+    ds = decode_and_embed(ds, decode, embed, gpus, concurrency)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 

@@ -55,9 +55,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs import cli
-from jobs.embed import DECODE_CPUS
 from visual_search import cluster, devices, embedders, images, schema, storage, updates, versions
-from visual_search.pipeline import EmbedBatch, decode_batch
+from visual_search.pipeline import EmbedBatch, decode_and_embed
 from visual_search.updates import DELETE, UPSERT, Position, Update
 
 HEADER = ("op", "product_id", "image_uri")
@@ -301,24 +300,10 @@ def _pipeline(cfg: Config, model: dict, table: pa.Table):
     preprocess = embedders.preprocess_for(model["model_id"], mode)
     block = max(1, min(cfg.decode_batch_size, math.ceil(len(table) / 4)))
     ds = ray.data.from_arrow([table.slice(i, block) for i in range(0, len(table), block)])
-    ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"preprocess": preprocess, "limits": cfg.limits},
-        batch_size=cfg.decode_batch_size,
-        batch_format="pyarrow",
-        num_cpus=DECODE_CPUS,  # not 1: see jobs/embed.py (no fusion into the actors)
-        runtime_env=cluster.runtime_env(),
-    )
-    return ds.map_batches(
-        _LiveEmbed,
-        fn_constructor_args=(model, cfg.device, threads),
-        batch_size=cfg.embed_batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_gpus=1 if gpus else 0,
-        num_cpus=1,
-        runtime_env=cluster.runtime_env(),
-    )
+    decode = {"preprocess": preprocess, "limits": cfg.limits, "batch_size": cfg.decode_batch_size}
+    args = (model, cfg.device, threads)
+    embed = {"cls": _LiveEmbed, "args": args, "batch_size": cfg.embed_batch_size}
+    return decode_and_embed(ds, decode, embed, gpus, concurrency)
 
 
 def _results(batch: pa.Table) -> dict[int, tuple[np.ndarray | None, str | None, str | None]]:

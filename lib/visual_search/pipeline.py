@@ -105,3 +105,37 @@ class EmbedBatch:
                 "detail": batch["detail"],
             }
         )
+
+
+# Decoding tasks ask for less than 1 CPU, unlike the embedding actors: equal remote args would
+# let Ray Data fuse decoding into the actors, and the (GPU) actors would then decode serially.
+DECODE_CPUS = 0.5
+
+
+def decode_and_embed(ds, decode: dict, embed: dict, gpus: float, concurrency: int):
+    """Ray Data stages over a dataset of (row, image_uri) blocks: decode_batch in CPU tasks
+    (`decode`: preprocess, limits, batch_size), then an embedding actor pool (`embed`: cls,
+    args, batch_size), a GPU per actor when `gpus`."""
+    import ray
+
+    from visual_search import cluster
+
+    env = cluster.runtime_env()
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"preprocess": decode["preprocess"], "limits": decode["limits"]},
+        batch_size=decode["batch_size"],
+        batch_format="pyarrow",
+        num_cpus=DECODE_CPUS,
+        runtime_env=env,
+    )
+    return ds.map_batches(
+        embed["cls"],
+        fn_constructor_args=embed["args"],
+        batch_size=embed["batch_size"],
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_gpus=1 if gpus else 0,
+        num_cpus=1,
+        runtime_env=env,
+    )
