@@ -11,7 +11,16 @@ import torch
 from conftest import write_catalog
 
 from jobs import embed, reindex, tune
-from visual_search import embedders, embeddings, heads, images, storage, tuning, versions
+from visual_search import (
+    embedders,
+    embeddings,
+    finetune,
+    heads,
+    images,
+    storage,
+    tuning,
+    versions,
+)
 
 
 def test_split_is_by_product_seeded_and_stable():
@@ -84,6 +93,27 @@ def test_choose_mix_keeps_instance_recall():
     assert tuning.choose_mix(untuned, by_mix, max_instance_drop=0.0) == 0.1
     worse = {m: {"instance_r1": 0.5, "category_p10": 0.9} for m in by_mix}
     assert tuning.choose_mix(untuned, worse, max_instance_drop=0.01) == 0.1
+
+
+def test_hard_batches_hold_look_alikes_and_every_view_once():
+    # 8 tight clusters of 30 photos, 2 views each
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(8, 16))
+    frozen = np.repeat(centres, 30, axis=0) + 0.05 * rng.normal(size=(240, 16))
+    frozen /= np.linalg.norm(frozen, axis=1, keepdims=True)
+    truth = np.repeat(np.arange(8), 30)
+    clusters = finetune.look_alikes(frozen.astype(np.float32), 16, seed=0)
+    pairs = {(c, t) for c, t in zip(clusters, truth, strict=True)}
+    assert len(pairs) == len(set(clusters)), pairs  # no cluster mixes two groups
+    view_rows = np.repeat(np.arange(240), 2)
+    for hard in (0.0, 0.5):
+        s = finetune.Settings(batch=32, hard=hard)
+        batches = finetune.epoch_batches(view_rows, clusters, s, np.random.default_rng(1))
+        assert len(batches) == 15 and all(len(b) == 32 for b in batches)
+        assert len(np.unique(np.concatenate(batches))) == 480  # every view once
+        # the hard half of a batch: mostly one cluster (random halves spread over all 8)
+        top = [np.bincount(clusters[view_rows[b[:16]]]).max() for b in batches]
+        assert (np.mean(top) >= 12) == (hard > 0), (hard, top)
 
 
 @pytest.mark.parametrize(

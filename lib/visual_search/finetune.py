@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ class Settings:
     lr: float = 1e-4
     temperature: float = 0.05
     keep: float = 1.0  # weight of the keep-near-frozen term
+    hard: float = 0.0  # share of each batch drawn from one cluster of look-alike photos
     seed: int = 0
 
 
@@ -113,6 +115,31 @@ def _step(tail: Tail, opt, views, catalog, frozen, idx, rows, s: Settings) -> fl
     return float(loss.item())
 
 
+def look_alikes(frozen: np.ndarray, clusters: int, seed: int) -> np.ndarray:
+    """Each catalog photo's k-means cluster of the frozen model's vectors (photos alike)."""
+    clusters = max(1, min(clusters, len(frozen) // 4))
+    km = faiss.Kmeans(frozen.shape[1], clusters, niter=20, seed=seed, spherical=True)
+    km.train(np.ascontiguousarray(frozen, dtype=np.float32))
+    return km.index.search(np.ascontiguousarray(frozen, dtype=np.float32), 1)[1][:, 0]
+
+
+def epoch_batches(view_rows: np.ndarray, clusters, s: Settings, rng) -> list[np.ndarray]:
+    """One epoch: every view once, in batches of s.batch. With s.hard > 0 that share of each
+    batch is one run of views sorted by their photo's cluster, so the batch holds look-alike
+    products the loss must tell apart (random batches are mostly easy: a shirt against a shoe);
+    the rest of the batch stays random, which keeps the easy negatives too."""
+    order = rng.permutation(len(view_rows))
+    n = len(order) // s.batch
+    nh = int(round(s.batch * s.hard)) if clusters is not None else 0
+    if nh == 0:
+        return [order[i * s.batch : (i + 1) * s.batch] for i in range(n)]
+    hard, easy, ne = order[: n * nh], order[n * nh :], s.batch - nh
+    hard = hard[np.argsort(clusters[view_rows[hard]], kind="stable")]
+    out = [np.concatenate([hard[i * nh : (i + 1) * nh], easy[i * ne : (i + 1) * ne]])
+           for i in range(n)]  # fmt: skip
+    return [out[i] for i in rng.permutation(n)]
+
+
 def train(
     tail: Tail,
     views: torch.Tensor,
@@ -128,14 +155,18 @@ def train(
     frozen = torch.from_numpy(tail.vectors(catalog))
     opt = torch.optim.AdamW(tail.tail.parameters(), lr=s.lr, weight_decay=1e-4)
     rng = np.random.default_rng(s.seed)
+    clusters = None
+    if s.hard > 0:  # clusters of about one hard run each
+        runs = max(1, len(view_rows) // s.batch)
+        clusters = look_alikes(frozen.numpy(), runs * len(frozen) // len(np.unique(view_rows)),
+                               s.seed)  # fmt: skip
     best = (evaluate(tail), copy.deepcopy(tail.tail.state_dict()))
     history = [{"epoch": 0, "val_r1": round(best[0], 4)}]
     say(f"epoch 0 (frozen) val_r1 {best[0]:.4f}")
     for epoch in range(1, s.epochs + 1):
-        t0, order, losses = time.perf_counter(), rng.permutation(len(views)), []
+        t0, losses = time.perf_counter(), []
         tail._train_mode()
-        for i in range(0, len(order) - s.batch + 1, s.batch):
-            idx = order[i : i + s.batch]
+        for idx in epoch_batches(view_rows, clusters, s, rng):
             losses.append(_step(tail, opt, views, catalog, frozen, idx, view_rows[idx], s))
         score = evaluate(tail)
         loss = round(float(np.mean(losses or [0.0])), 4)
