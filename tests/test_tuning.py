@@ -130,7 +130,7 @@ def test_skip_reason(n, labels, skipped):
     assert reason is None if skipped is None else skipped in reason
 
 
-N = 120  # products, 4 categories
+N = 80  # products, 4 categories
 
 
 @pytest.fixture(scope="module")
@@ -139,17 +139,25 @@ def shop(ray_local, tmp_path_factory):
     return root, write_catalog(root, N, (96, 80), categories=4)
 
 
+@pytest.fixture(scope="module")
+def backbone(shop):
+    """The catalog's untuned embeddings (read-only: each test tunes into its own folder)."""
+    root, catalog = shop
+    work = str(root / "emb")
+    embed.run(embed.Config(catalog=catalog, out=work))
+    return work
+
+
 def small(cfg: tune.Config, **changes) -> tune.Config:
     return tune.Config(
         **{**cfg.__dict__, "min_images": 50, "eval_products": 20, "epochs": 3, **changes}
     )
 
 
-def test_tune_measures_decides_and_records(shop, tmp_path, monkeypatch):
-    root, catalog = shop
-    index_root, work = str(tmp_path / "index"), str(tmp_path / "emb")
-    cfg = small(tune.Config(work, index_root, work + "-tuned"), refit=False, method="head")
-    embed.run(embed.Config(catalog=catalog, out=work))
+def test_tune_measures_decides_and_records(backbone, tmp_path, monkeypatch):
+    index_root, work = str(tmp_path / "index"), backbone
+    out = str(tmp_path / "emb-tuned")
+    cfg = small(tune.Config(work, index_root, out), refit=False, method="head")
     # The real decision is taken and recorded; the kept path is then forced, so both run.
     real, decisions = tuning.decide, []
 
@@ -183,13 +191,11 @@ def test_tune_measures_decides_and_records(shop, tmp_path, monkeypatch):
     np.testing.assert_allclose(embedder.embed(pixels), ds.vectors(table), atol=2e-4)
 
 
-def test_finetune_measures_decides_and_records(shop, tmp_path, monkeypatch):
+def test_finetune_measures_decides_and_records(backbone, tmp_path, monkeypatch):
     """The default method: the backbone's last stage trained on re-photographs; kept, its
     weights file is what the service loads, and the tuned vectors are that model's."""
-    _, catalog = shop
-    index_root, work = str(tmp_path / "index"), str(tmp_path / "emb")
-    cfg = small(tune.Config(work, index_root, work + "-tuned"), finetune_epochs=2)
-    embed.run(embed.Config(catalog=catalog, out=work))
+    index_root, work = str(tmp_path / "index"), backbone
+    cfg = small(tune.Config(work, index_root, str(tmp_path / "emb-tuned")), finetune_epochs=2)
     monkeypatch.setattr(tuning, "decide", lambda *a: (False, "forced: not kept"))
     record = tune.run(cfg)
     assert record["method"] == "finetune" and not record["kept"]
@@ -237,5 +243,5 @@ def test_reindex_skips_tuning_on_a_small_catalog_and_says_why(shop, tmp_path, ca
     _, catalog = shop
     root = str(tmp_path / "index")
     assert reindex.main(["--catalog", catalog, "--index-root", root]) == 0
-    assert "[tune] skipped: 120 images < 500" in capsys.readouterr().out
+    assert f"[tune] skipped: {N} images < 500" in capsys.readouterr().out
     assert "head" not in versions.open_version(root).manifest.model
