@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import itertools
 import json
 import math
@@ -66,6 +65,7 @@ import requests
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench.index import PeakMemory  # noqa: E402
 from jobs import build_index  # noqa: E402
 from jobs import embed as embed_job  # noqa: E402
 from visual_search import (  # noqa: E402
@@ -74,7 +74,7 @@ from visual_search import (  # noqa: E402
     embedders,
     embeddings,
     images,
-    query,
+    inprocess,
     sample,
     schema,
     storage,
@@ -82,17 +82,6 @@ from visual_search import (  # noqa: E402
 )
 from visual_search.manifest import EmbeddingsManifest, FileRecord  # noqa: E402
 
-
-def _import_bench_index():
-    spec = importlib.util.spec_from_file_location(
-        "bench_index", os.path.join(REPO, "bench", "index.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-PeakMemory = _import_bench_index().PeakMemory
 APP_NAME = "visual_search"
 PART_ROWS = 25_000
 
@@ -354,18 +343,14 @@ def summarize(samples: list[Sample], seconds: float | None = None) -> dict:
 
 
 class InProcess:
-    """The Serve app's query path in this process: decode, embed, search every shard, widen,
-    merge, join the docs (no HTTP, no Serve, no Ray)."""
+    """The Serve app's query path in this process: decode, embed, then inprocess.Searcher (every
+    shard searched, widened, merged, the docs joined; no HTTP, no Serve, no Ray)."""
 
     def __init__(self, index_root: str, max_upload: int, k: int, weights: str | None):
-        version = versions.open_version(index_root)
-        m = version.manifest
-        self.embedder = embedders.from_model_dict(m.model, weights)
+        self.searcher = inprocess.Searcher(versions.open_version(index_root))
+        self.embedder = embedders.from_model_dict(self.searcher.version.manifest.model, weights)
         self.limits = images.Limits(max_bytes=max_upload)
-        self.shards = [query.ShardIndex(version, i) for i in range(len(m.shards))]
-        self.docs = query.Docs.load(version)
-        self.metric, self.k = m.metric, k
-        self.loop = asyncio.new_event_loop()
+        self.k = k
         self.stages: list[tuple[float, float, float]] = []  # decode, embed, search+docs (s)
 
     def query(self, data: bytes) -> list[dict]:
@@ -374,12 +359,7 @@ class InProcess:
         t1 = time.perf_counter()
         vector = self.embedder.embed(pixels[None])
         t2 = time.perf_counter()
-
-        async def fan_out(width: int):
-            return [s.search(vector, width, None) for s in self.shards]
-
-        search = query.widening_search(fan_out, self.metric, self.docs, self.k)
-        rows = query.results(self.docs, self.loop.run_until_complete(search))
+        rows = self.searcher.search(vector, self.k)
         self.stages.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
         return rows
 
@@ -394,7 +374,7 @@ class InProcess:
         }
 
     def close(self) -> None:
-        self.loop.close()
+        self.searcher.close()
 
 
 @contextlib.contextmanager

@@ -35,7 +35,6 @@ Prints `key value` lines and writes everything to --json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import os
@@ -60,6 +59,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 from conftest import draw_product  # noqa: E402
 from synthetic import write_embeddings_dataset  # noqa: E402
 
+from bench import serve as bench_serve  # noqa: E402
 from jobs import build_index  # noqa: E402
 from jobs import embed as embed_job  # noqa: E402
 from visual_search import updates, versions  # noqa: E402
@@ -67,20 +67,6 @@ from visual_search.live import LiveShard  # noqa: E402
 from visual_search.search import merge_topk  # noqa: E402
 from visual_search.updates import DELETE, UPSERT, Position, Update, Writer  # noqa: E402
 
-
-def _import_bench_serve():
-    """bench/serve.py's helpers (say, free_port, wait_ready, run_load, summarize,
-    filler_vectors) by import, so both benches measure HTTP the same way."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_serve", os.path.join(REPO, "bench", "serve.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_serve"] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_serve = _import_bench_serve()
 say = bench_serve.say
 KEY_ENV = "VISUAL_SEARCH_API_KEY"
 APP_NAME = "vs_updates"

@@ -5,7 +5,6 @@ the metrics and the report (jobs/evaluate.py's docstring describes it; evalrepor
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +12,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from visual_search import embedders, evalreport, images, index, metrics, query, storage, verify
+from visual_search import (
+    embedders,
+    evalreport,
+    images,
+    index,
+    inprocess,
+    metrics,
+    query,
+    storage,
+    verify,
+)
 from visual_search.evalsets import (
     EvalError,
     Queries,
@@ -77,43 +86,29 @@ def _rerank(
 
 def _search_all(
     q: Queries,
-    shards: list[query.ShardIndex],
-    docs: query.Docs,
-    metric: str,
+    searcher: inprocess.Searcher,
     k: int,
     rerank: int = 0,
     preprocess: images.Preprocess | None = None,
     threads: int = 8,
 ) -> tuple[list[list[dict]], list[float], list[float]]:
-    """Each query through preferring_search + results (one row per product, best photo first),
+    """Each query through the service's query path (one row per product, best photo first),
     then, with query features, the re-rank of its top `rerank` products; (answers (k rows
     each), search ms, rerank ms)."""
     rerank = rerank if q.features is not None else 0
     cache = verify.FeatureCache(FEATURE_CACHE_BYTES)
-    loop = asyncio.new_event_loop()
     answers, search_ms, rerank_ms = [], [], []
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            for j in range(len(q.vectors)):
-                vector = q.vectors[j : j + 1]
-
-                async def fan_out(width: int, flt, vector=vector):
-                    return [s.search(vector, width, flt) for s in shards]
-
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for j in range(len(q.vectors)):
+            t0 = time.perf_counter()
+            vector, width = q.vectors[j : j + 1], max(k, rerank)
+            results = searcher.search(vector, width, q.exclude[j], q.prefer[j])
+            search_ms.append((time.perf_counter() - t0) * 1000)
+            if rerank:
                 t0 = time.perf_counter()
-                width, exclude, prefer = max(k, rerank), q.exclude[j], q.prefer[j]
-                hits = loop.run_until_complete(
-                    query.preferring_search(fan_out, metric, docs, width, exclude, prefer)
-                )
-                results = query.results(docs, hits)
-                search_ms.append((time.perf_counter() - t0) * 1000)
-                if rerank:
-                    t0 = time.perf_counter()
-                    results = _rerank(results, q.features[j], rerank, cache, preprocess, pool)
-                    rerank_ms.append(q.features_ms[j] + (time.perf_counter() - t0) * 1000)
-                answers.append(results[:k])
-    finally:
-        loop.close()
+                results = _rerank(results, q.features[j], rerank, cache, preprocess, pool)
+                rerank_ms.append(q.features_ms[j] + (time.perf_counter() - t0) * 1000)
+            answers.append(results[:k])
     return answers, search_ms, rerank_ms
 
 
@@ -253,9 +248,13 @@ def run(cfg: Config) -> dict:
     cfg = dataclasses.replace(cfg, ks=tuple(sorted(set(cfg.ks))))
     _validate(cfg)
     version = open_version(cfg.index_root, cfg.version)
+    with inprocess.Searcher(version) as searcher:
+        return _evaluate(cfg, searcher, started)
+
+
+def _evaluate(cfg: Config, searcher: inprocess.Searcher, started: float) -> dict:
+    version, shards, docs = searcher.version, searcher.shards, searcher.docs
     m = version.manifest
-    shards = [query.ShardIndex(version, i) for i in range(len(m.shards))]
-    docs = query.Docs.load(version)
     mode = "leave-one-out" if cfg.leave_one_out else "table"
     _say(
         f"version {m.version} ({m.model['model_id']}, {m.factory}, {len(m.shards)} shard(s), "
@@ -277,7 +276,7 @@ def run(cfg: Config) -> dict:
         m.model["model_id"], m.model.get("preprocess", {}).get("mode", "pad")
     )
     answers, search_ms, rerank_ms = _search_all(
-        q, shards, docs, m.metric, width, rerank, preprocess, cfg.decode_threads
+        q, searcher, width, rerank, preprocess, cfg.decode_threads
     )
     levels = _relevance(q, answers, docs, width)
     summary = {
