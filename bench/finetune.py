@@ -2,7 +2,7 @@
 recall on products it never saw? (issue 11, "beyond a head on frozen features").
 
     python bench/finetune.py [--catalog ../shared/data/products-dev/catalog.csv]
-        [--views 3] [--epochs 6] [--from-block 6] [--hard 0.5] [--json bench/results/finetune.json]
+        [--views 3] [--epochs 6] [--from-block 5] [--hard 0.5] [--json bench/results/finetune.json]
 
 1. Split by product as the tuning stage does (`tuning.split_products`, seed 0).
 2. The default backbone (efficientnet_lite0, GeM) is cut before block --from-block; the part
@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--catalog", default=DEFAULT_CATALOG)
     p.add_argument("--views", type=int, default=3)
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--from-block", type=int, default=6, help="first trained block (0-6)")
+    p.add_argument(
+        "--from-block", type=int, default=finetune.Settings.at, help="first trained block (1-6)"
+    )
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--temperature", type=float, default=0.05)

@@ -2,10 +2,11 @@
 
     python jobs/tune.py --embeddings URI --index-root URI --out URI [--method finetune|head]
         [--labels category] [--eval-products 600] [--views 2] [--finetune-epochs 5]
-        [--epochs 15] [--seed 0]
+        [--from-block 5] [--epochs 15] [--seed 0]
 
 1. Products are split by a seeded hash of their id: 60% train, 20% validation, 20% test.
-2. --method finetune (the default; no labels needed): the backbone's last stage is trained on
+2. --method finetune (the default; no labels needed): the backbone's last two stages (from
+   block --from-block; see finetune.Settings for the measurement that chose it) are trained on
    --views synthetic re-photographs (jobs/make_queries.py's augmentations) of every train photo
    with a contrastive loss (lib/visual_search/finetune.py; the GPU when there is one). Held-out
    re-photographs of up to --eval-products products per split are searched among the whole
@@ -65,11 +66,13 @@ class Config:
     method: str = "finetune"  # see METHODS
     views: int = 2  # finetune: synthetic re-photographs per train photo
     finetune_epochs: int = 5
-    max_finetune_images: int = 100_000  # feature maps are held in memory (about 19 KB each)
+    from_block: int = finetune.Settings.at
+    # Feature maps are held in memory: 44 KB each at block 5, about 2.3 per catalog image.
+    max_finetune_images: int = 50_000
 
 
 METHODS = {
-    "finetune": "the backbone's last stage fine-tuned on synthetic re-photographs (InfoNCE)",
+    "finetune": "the backbone's last blocks fine-tuned on synthetic re-photographs (InfoNCE)",
     "head": "proxy softmax + margin, concat head",
 }
 
@@ -287,7 +290,7 @@ def _finetune(cfg: Config, ds, data, base: dict, started: float) -> dict:
     the epoch is chosen on validation queries, the decision made on test queries."""
     table, pids, cats, splits = data
     model = ds.manifest.model
-    settings = finetune.Settings(epochs=cfg.finetune_epochs, seed=cfg.seed)
+    settings = finetune.Settings(at=cfg.from_block, epochs=cfg.finetune_epochs, seed=cfg.seed)
     mode = model["preprocess"]["mode"]
     emb = embedders.create(model["model_id"], cfg.weights, preprocess_mode=mode)
     tail, pre = finetune.Tail(emb, settings.at), emb.preprocess
@@ -353,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=sorted(METHODS), default=Config.method)
     p.add_argument("--views", type=int, default=Config.views, help="finetune: views per photo")
     p.add_argument("--finetune-epochs", type=int, default=Config.finetune_epochs)
+    p.add_argument("--from-block", type=int, default=Config.from_block,
+                   help="finetune: first trained block of the backbone (1-6)")  # fmt: skip
     cli.add_s3_endpoint(p)
     return p
 
