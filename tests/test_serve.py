@@ -1092,10 +1092,8 @@ def _replica_actors(deployment: str) -> list:
     found = [a for a in names if f"#{deployment}#" in a["name"]]
     actors = []
     for a in found:
-        try:
+        with contextlib.suppress(ValueError):  # died between the listing and the lookup
             actors.append(ray.get_actor(a["name"], namespace=a["namespace"]))
-        except ValueError:  # died between the listing and the lookup
-            pass
     return actors
 
 
