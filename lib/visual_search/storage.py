@@ -9,6 +9,7 @@ role), never from this module.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import io
@@ -213,10 +214,43 @@ def write_bytes(uri: str, data: bytes) -> None:
             with staged_file(uri) as tmp, open(tmp, "wb") as f:
                 f.write(data)
         else:
-            with fs.open_output_stream(path) as f:
-                f.write(data)
+            _upload(path, io.BytesIO(data))
     except Exception as exc:
         raise _wrap(uri, exc) from exc
+
+
+PART_BYTES = 8 << 20  # S3 parts are at least 5 MiB (the last one excepted)
+
+
+def _upload(path: str, src) -> None:
+    """Upload a binary stream to bucket/key: one PUT when it fits in a part, else a multipart
+    upload that is completed only after its last part, and aborted on any error or interrupt.
+
+    pyarrow's S3 output stream completes the upload when closed, even on an exception, which
+    would publish a truncated object at the final key; hence boto3 here."""
+    bucket, _, key = path.partition("/")
+    client = _boto_s3()
+    first = src.read(PART_BYTES)
+    if len(first) < PART_BYTES:
+        client.put_object(Bucket=bucket, Key=key, Body=first)
+        return
+    upload = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    try:
+        parts, chunk = [], first
+        while chunk:
+            n = len(parts) + 1
+            r = client.upload_part(
+                Bucket=bucket, Key=key, UploadId=upload, PartNumber=n, Body=chunk
+            )
+            parts.append({"PartNumber": n, "ETag": r["ETag"]})
+            chunk = src.read(PART_BYTES)
+        client.complete_multipart_upload(
+            Bucket=bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}
+        )
+    except BaseException:
+        with contextlib.suppress(Exception):
+            client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload)
+        raise
 
 
 @contextlib.contextmanager
@@ -244,8 +278,8 @@ def staged_file(uri: str):
         tmp = os.path.join(tmpdir, os.path.basename(path))
         yield tmp
         try:
-            with open(tmp, "rb") as src, fs.open_output_stream(path) as dst:
-                shutil.copyfileobj(src, dst, length=16 << 20)
+            with open(tmp, "rb") as src:
+                _upload(path, src)
         except Exception as exc:
             raise _wrap(uri, exc) from exc
 
@@ -283,6 +317,50 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     except Exception as exc:
         status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
         if status in (409, 412):  # 409: a concurrent conditional PUT of the same key
+            return False
+        raise _wrap(uri, exc) from exc
+
+
+def _local_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def swap(uri: str, expected: bytes | None, data: bytes) -> bool:
+    """Compare-and-swap: replace the object with `data` only while it still holds `expected`
+    (None: while it does not exist); False when another writer changed it first.
+
+    On S3: a PUT with If-Match on the ETag read (If-None-Match: * for None). Locally: the check
+    and the atomic rename happen under an exclusive lock on a sibling lock file."""
+    fs, path = resolve(uri)
+    if fs is _LOCAL:
+        lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(lock, "a+b") as held:
+                fcntl.flock(held, fcntl.LOCK_EX)
+                if _local_bytes(path) != expected:
+                    return False
+                write_bytes(uri, data)
+                return True
+        except OSError as exc:
+            raise _wrap(uri, exc) from exc
+    if expected is None:
+        return create_exclusive(uri, data)
+    bucket, _, key = path.partition("/")
+    client = _boto_s3()
+    try:
+        obj = client.get_object(Bucket=bucket, Key=key)
+        if obj["Body"].read() != expected:
+            return False
+        client.put_object(Bucket=bucket, Key=key, Body=data, IfMatch=obj["ETag"])
+        return True
+    except Exception as exc:
+        status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status in (404, 409, 412):  # gone, or changed since it was read
             return False
         raise _wrap(uri, exc) from exc
 
@@ -334,6 +412,16 @@ def parquet_num_rows(uri: str) -> int:
         raise _wrap(uri, exc) from exc
 
 
+def parquet_columns(uri: str) -> list[str]:
+    """Column names from the footer, without reading the data."""
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).schema_arrow.names
+    except Exception as exc:
+        raise _wrap(uri, exc) from exc
+
+
 def delete(uri: str, missing_ok: bool = True) -> None:
     fs, path = resolve(uri)
     try:
@@ -363,6 +451,21 @@ def check_writable(uri: str) -> None:
     delete(probe)
 
 
+CACHE_DIR = "visual_search-cache"
+
+
+def _cache_path(uri: str, cache_dir: str | None) -> str:
+    """Where copies of objects under `uri` live: the cache mirrors the bucket's key layout (one
+    folder per endpoint), so a version's copies can be evicted as one folder."""
+    _, path = resolve(uri)
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"{uri}: a key with empty, '.' or '..' parts cannot be cached")
+    endpoint = hashlib.sha256(str(s3_endpoint()).encode()).hexdigest()[:12]
+    base = cache_dir or os.path.join(tempfile.gettempdir(), CACHE_DIR)
+    return os.path.join(base, endpoint, *parts)
+
+
 def local_copy(uri: str, cache_dir: str | None = None) -> str:
     """A local file path holding the object (the path itself for local URIs)."""
     fs, path = resolve(uri)
@@ -371,14 +474,13 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
             raise StorageError(f"{uri}: not found")
         return path
     fi = check_readable(uri)
-    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "visual_search-cache")
-    # Keyed by endpoint, URI, size and mtime: a changed object gets a fresh copy.
-    key = f"{s3_endpoint()}|{uri}|{fi.size}|{fi.mtime_ns}".encode()
-    name = f"{hashlib.sha256(key).hexdigest()[:24]}-{os.path.basename(path)}"
-    dest = os.path.join(cache_dir, name)
+    folder, name = os.path.split(_cache_path(uri, cache_dir))
+    # Named by size and mtime too: a changed object gets a fresh copy.
+    stamp = hashlib.sha256(f"{fi.size}|{fi.mtime_ns}".encode()).hexdigest()[:16]
+    dest = os.path.join(folder, f"{stamp}-{name}")
     if not os.path.exists(dest):
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
         try:
             with fs.open_input_stream(path) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, length=8 << 20)
@@ -389,3 +491,22 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return dest
+
+
+def evict_cache(prefix: str, keep: set[str], cache_dir: str | None = None) -> list[str]:
+    """Delete the local copies of objects under the S3 `prefix` except those below the child
+    URIs in `keep`; returns the children evicted. Copies in use stay readable (POSIX keeps an
+    open or memory-mapped file until it is closed)."""
+    if not is_s3(prefix):
+        return []
+    folder = _cache_path(prefix, cache_dir)
+    if not os.path.isdir(folder):
+        return []
+    kept = {normalize(u) for u in keep}
+    gone = []
+    for name in sorted(os.listdir(folder)):
+        child = join(normalize(prefix), name)
+        if child not in kept and os.path.isdir(os.path.join(folder, name)):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+            gone.append(child)
+    return gone

@@ -1,11 +1,15 @@
 """Index versions under {index_root}: naming, CURRENT, opening for search, pruning.
 
-A version folder counts as complete only once its manifest.json exists (written last), and
-CURRENT moves to a version only after that; readers open versions through CURRENT.
+A version folder counts as complete only once its manifest.json exists (written last) and no
+PENDING marker (a gate still to pass) does, and CURRENT moves only forward, by compare-and-swap,
+to a complete version; readers open versions through CURRENT. history/ records each move, so
+prune spares what replicas may still serve.
 """
 
 from __future__ import annotations
 
+import calendar
+import json
 import logging
 import re
 import time
@@ -22,6 +26,13 @@ log = logging.getLogger(__name__)
 
 
 _last_ns = 0
+# A version CURRENT named this recently may still be served (replicas switch in seconds).
+RECENT_S = 600.0
+# An incomplete version younger than this is another build in flight, not garbage.
+GRACE_S = 24 * 3600.0
+# Written before the manifest of a version a gate has yet to pass; deleted once it passes.
+PENDING = "PENDING"
+HISTORY = "history"  # {index_root}/history/{ns}-{hex}.json: one per move of CURRENT
 # What new_version_id makes, and what CURRENT and callers may name: one plain folder name.
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -52,12 +63,12 @@ def version_root(index_root: str, version: str) -> str:
     return storage.join(index_root, "versions", check_version(version))
 
 
-def current(index_root: str) -> str | None:
-    """The live version named by CURRENT, or None before the first publish."""
-    uri = storage.join(index_root, "CURRENT")
-    if not storage.exists(uri):
-        return None
-    name = storage.read_bytes(uri, 4096).decode("utf-8", "replace").strip()
+class Superseded(RuntimeError):
+    """CURRENT already names this version or a newer one: moving it would go backwards."""
+
+
+def _parse(uri: str, raw: bytes | None) -> str | None:
+    name = (raw or b"").decode("utf-8", "replace").strip()
     if not name:
         return None
     try:
@@ -66,41 +77,115 @@ def current(index_root: str) -> str | None:
         raise ValueError(f"{uri}: {exc}") from None
 
 
-def set_current(index_root: str, version: str) -> None:
-    """Move CURRENT in one atomic step (temp + rename locally, one PUT on S3)."""
-    if not storage.exists(storage.join(version_root(index_root, version), "manifest.json")):
-        raise ValueError(f"version {version} has no manifest.json; refusing to make it CURRENT")
-    storage.write_text(storage.join(index_root, "CURRENT"), version + "\n")
+def current(index_root: str) -> str | None:
+    """The live version named by CURRENT, or None before the first publish."""
+    uri = storage.join(index_root, "CURRENT")
+    if not storage.exists(uri):
+        return None
+    return _parse(uri, storage.read_bytes(uri, 4096))
+
+
+def set_current(index_root: str, version: str) -> str | None:
+    """Move CURRENT forward to a complete `version` by compare-and-swap (a conditional PUT on
+    S3, a locked check-and-rename locally); returns the version it replaced.
+
+    Raises Superseded when CURRENT names `version` or a newer one (ids sort by creation time),
+    so two racing builds never move it backwards; the move is recorded in history/ first, so
+    prune spares the replaced version for RECENT_S."""
+    uri = storage.join(index_root, "CURRENT")
+    while True:
+        raw = storage.read_bytes(uri, 4096) if storage.exists(uri) else None
+        live = _parse(uri, raw)
+        if live is not None and live >= version:
+            raise Superseded(f"CURRENT names {live}, not older than {version}; not moving it")
+        if not is_complete(index_root, version):
+            raise ValueError(
+                f"version {version} is not complete (no manifest.json, or its gate pending); "
+                "refusing to make it CURRENT"
+            )
+        _record(index_root, live, version)
+        if storage.swap(uri, raw, (version + "\n").encode()):
+            return live
+
+
+def _record(index_root: str, before: str | None, after: str) -> None:
+    ns = time.time_ns()
+    entry = {"from": before, "to": after, "unix": ns / 1e9}
+    name = f"{ns:020d}-{uuid.uuid4().hex[:8]}.json"
+    storage.write_bytes(storage.join(index_root, HISTORY, name), json.dumps(entry).encode())
+
+
+def recently_current(index_root: str, recent_s: float | None = None) -> set[str]:
+    """Versions CURRENT named within the last `recent_s` seconds (RECENT_S), from history/;
+    history entries older than GRACE_S are deleted on the way."""
+    root = storage.join(index_root, HISTORY)
+    if not storage.exists(root):
+        return set()
+    now = time.time()
+    cutoff = now - (RECENT_S if recent_s is None else recent_s)
+    out: set[str] = set()
+    for e in storage.list_files(root, (".json",)):
+        stamp = e.uri.rsplit("/", 1)[1].split("-", 1)[0]
+        if not stamp.isdigit():
+            continue  # another writer's temp file, or not an entry
+        unix = int(stamp) / 1e9
+        if unix < now - GRACE_S:
+            storage.delete(e.uri)
+        elif unix >= cutoff:
+            entry = json.loads(storage.read_bytes(e.uri, 4096))
+            out.update(v for v in (entry.get("from"), entry.get("to")) if is_version_id(v or ""))
+    return out
+
+
+def is_complete(index_root: str, version: str) -> bool:
+    """Has its manifest, and no gate still to pass (no PENDING)."""
+    root = version_root(index_root, version)
+    return storage.exists(storage.join(root, "manifest.json")) and not storage.exists(
+        storage.join(root, PENDING)
+    )
+
+
+def created_unix(version: str) -> float:
+    """When a version id was made (0.0 for ids new_version_id did not make)."""
+    try:
+        return float(calendar.timegm(time.strptime(version[:15], "%Y%m%dT%H%M%S")))
+    except ValueError:
+        return 0.0
 
 
 def list_versions(index_root: str) -> dict[str, bool]:
-    """version -> complete (has its manifest), for every folder under versions/."""
+    """version -> complete (has its manifest, no PENDING), for every folder under versions/."""
     root = storage.join(index_root, "versions")
     if not storage.exists(root):
         return {}
-    out: dict[str, bool] = {}
+    files: dict[str, set[str]] = {}
     base = storage.normalize(root)
     for e in storage.list_files(root):
         name, _, rest = e.uri[len(base) + 1 :].partition("/")
-        if not is_version_id(name):
-            continue  # not a version folder this code wrote (and never one to prune)
-        out[name] = out.get(name, False) or rest == "manifest.json"
-    return dict(sorted(out.items()))
+        if is_version_id(name):  # else not a version folder this code wrote (never pruned)
+            files.setdefault(name, set()).add(rest)
+    return {v: "manifest.json" in f and PENDING not in f for v, f in sorted(files.items())}
 
 
 def prune(
     index_root: str, keep: int, newest: str, protect: tuple[str | None, ...] = ()
 ) -> list[str]:
-    """Delete all but the `keep` newest complete versions (never CURRENT nor `protect`, e.g. the
-    version live until a moment ago), plus incomplete folders older than `newest` (failed
-    builds); newer incomplete ones may be builds in flight."""
+    """Delete all but the `keep` newest complete versions, and incomplete folders older than
+    GRACE_S (failed builds). Never deleted: CURRENT, `newest`, `protect`, a version CURRENT named
+    within RECENT_S (still served), a complete version newer than CURRENT (about to be
+    published) and an incomplete one younger than GRACE_S (a build in flight)."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     live = current(index_root)
     versions = list_versions(index_root)
     complete = [v for v, ok in versions.items() if ok]
-    keep_set = set(complete[-keep:]) | {live, newest, *protect}
-    doomed = [v for v, ok in versions.items() if v not in keep_set and (ok or v < newest)]
+    keep_set = set(complete[-keep:]) | {live, newest, *protect} | recently_current(index_root)
+    young = time.time() - GRACE_S
+    doomed = [
+        v
+        for v, ok in versions.items()
+        if v not in keep_set and (created_unix(v) < young or (ok and live is not None and v < live))
+    ]
     for v in doomed:
         storage.delete(version_root(index_root, v))
     return doomed
@@ -114,6 +199,16 @@ def withdraw(index_root: str, version: str) -> None:
     root = version_root(index_root, version)
     storage.delete(storage.join(root, "manifest.json"))
     storage.delete(root)
+
+
+def evict_unused(index_root: str, loaded: str) -> list[str]:
+    """Drop this node's S3 cache copies of versions not in use: in use are `loaded`, CURRENT and
+    those CURRENT named within RECENT_S (other replicas may still serve them)."""
+    if not storage.is_s3(index_root):
+        return []
+    use = {loaded, current(index_root), *recently_current(index_root)} - {None}
+    keep = {version_root(index_root, v) for v in use}
+    return storage.evict_cache(storage.join(index_root, "versions"), keep)
 
 
 @dataclass(frozen=True)
@@ -131,6 +226,10 @@ class Version:
         if idx.ntotal != rec.count:
             raise ValueError(f"{rec.file}: {idx.ntotal} vectors, the manifest says {rec.count}")
         index.apply_params(idx, self.manifest.search_params)
+        try:
+            evict_unused(self.index_root, self.manifest.version)
+        except (OSError, ValueError) as exc:  # a cache left full must not fail a load
+            log.warning("evicting unused versions from the S3 cache failed: %s", exc)
         return idx
 
     @property
