@@ -1,11 +1,13 @@
-"""Near-duplicate product groups (Contract 6): candidates, mutual-NN edges, union-find groups.
+"""Near-duplicate product groups (Contract 6): candidates, mutual top-k edges, complete groups.
 
-Items are photos (global ids of a version); groups are of products. The similarity of two
-products is the best exact inner product over their photos; two photos of one product never
-make an edge. An edge joins two products only when each is the other's nearest other product
-(mutual 1-NN) at or above the threshold, so a link a~b~c never joins a and c: with mutual_k=1
-every group is a pair (a product has one nearest neighbour). mutual_k > 1 allows larger
-groups (each in the other's top k products) and can chain again; it is opt-in.
+Items are photos (global ids of a version); groups are of products. Candidate pairs of products
+come from the index: their best exact inner product over their photos, and the photo pair that
+gave it (which dedup_verify then scores as a copy or not); two photos of one product never make
+a pair. An edge joins two products when each is among the other's k best-scoring products at or
+above the threshold (mutual top-k); edges make components (union-find), and a component is
+kept as one group only when it is complete: every two members score >= the threshold. One that
+is not is split around its medoid, so a chain a~b~c with a and c unrelated never merges, while
+3-4 copies of one photo (all pairs verified) form one group.
 
 For the service: `load_groups(uri)` reads `{out}/groups.parquet` of a complete output (its
 manifest.json written) into a `Groups` lookup (product -> group, group -> members).
@@ -102,32 +104,44 @@ def query_items(
 
 def product_pairs(
     qids: np.ndarray, cand: np.ndarray, scores: np.ndarray, product_of: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Item candidates -> product pairs (a < b codes, best score over their photos).
+) -> tuple[np.ndarray, ...]:
+    """Item candidates -> product pairs (a, b, score, item_a, item_b): codes a < b, their best
+    score over their photos, and the global ids of the photos of a and of b that gave it.
 
     `product_of`: product code (int) per global id. Same-product pairs are dropped."""
-    rows = np.repeat(qids, cand.shape[1])
+    rows = np.repeat(np.asarray(qids, np.int64), cand.shape[1])
     cols, s = cand.ravel(), scores.ravel()
     ok = cols >= 0
-    pa_, pb = product_of[rows[ok]], product_of[cols[ok]]
-    s = s[ok]
+    rows, cols, s = rows[ok], cols[ok], s[ok]
+    pa_, pb = product_of[rows], product_of[cols]
     diff = pa_ != pb
-    lo, hi = np.minimum(pa_, pb)[diff], np.maximum(pa_, pb)[diff]
-    return merge_pairs((lo, hi, s[diff]))
+    rows, cols, s, pa_, pb = rows[diff], cols[diff], s[diff], pa_[diff], pb[diff]
+    swap = pa_ > pb
+    return merge_pairs(
+        (
+            np.where(swap, pb, pa_),
+            np.where(swap, pa_, pb),
+            s,
+            np.where(swap, cols, rows),
+            np.where(swap, rows, cols),
+        )
+    )
 
 
-def merge_pairs(*lists: tuple[np.ndarray, np.ndarray, np.ndarray]):
-    """Union of (a, b, score) pair lists (a < b), keeping each pair's best score."""
+def merge_pairs(*lists: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """Union of (a, b, score, *extra) pair lists (a < b), keeping each pair's best-scoring
+    row (its extra columns with it)."""
     a = np.concatenate([p[0] for p in lists]).astype(np.int64)
     b = np.concatenate([p[1] for p in lists]).astype(np.int64)
     s = np.concatenate([p[2] for p in lists]).astype(np.float32)
+    extra = [np.concatenate([p[j] for p in lists]) for j in range(3, len(lists[0]))]
     if not len(a):
-        return a, b, s
+        return (a, b, s, *extra)
     order = np.lexsort((-s, b, a))
-    a, b, s = a[order], b[order], s[order]
     first = np.ones(len(a), bool)
-    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
-    return a[first], b[first], s[first]
+    first[1:] = (a[order][1:] != a[order][:-1]) | (b[order][1:] != b[order][:-1])
+    keep = order[first]
+    return (a[keep], b[keep], s[keep], *(e[keep] for e in extra))
 
 
 def top_neighbours(
@@ -146,8 +160,11 @@ def top_neighbours(
 def mutual_edges(
     a: np.ndarray, b: np.ndarray, s: np.ndarray, threshold: float, k: int = 1
 ) -> list[tuple[int, int, float]]:
-    """Pairs (a, b, score) that are mutual top-k products with score >= threshold."""
+    """Pairs (a, b, score) that are mutual top-k products with score >= threshold (among the
+    pairs at or above it: a pair below never takes a place in a top k)."""
     a, b, s = np.asarray(a, np.int64), np.asarray(b, np.int64), np.asarray(s, np.float32)
+    above = s >= threshold
+    a, b, s = a[above], b[above], s[above]
     if not len(a):
         return []
     src, dst = top_neighbours(a, b, s, k)
@@ -175,30 +192,61 @@ class UnionFind:
             self.parent[max(rx, ry)] = min(rx, ry)
 
 
-def groups_from_edges(edges: list[tuple[int, int, float]], names: list[str]) -> list[dict]:
-    """Union-find groups of product codes -> [{group_id, representative, members: {name:
-    score}}], group_id by the order of each group's smallest product name (deterministic).
-
-    Representative: highest sum of edge scores (ties by product name); a member's score is its
-    edge score to the representative (1.0 for the representative; else its best edge)."""
-    uf = UnionFind()
-    weight: dict[int, float] = {}
-    pair: dict[tuple[int, int], float] = {}
-    best: dict[int, float] = {}
-    for x, y, sc in edges:
-        uf.union(x, y)
-        for n in (x, y):
-            weight[n] = weight.get(n, 0.0) + sc
-            best[n] = max(best.get(n, -np.inf), sc)
-        pair[(x, y)] = pair[(y, x)] = sc
-    members: dict[int, list[int]] = {}
-    for node in weight:
-        members.setdefault(uf.find(node), []).append(node)
+def _complete(nodes: list[int], score, threshold: float, name) -> list[tuple[int, list[int]]]:
+    """Split one component into (medoid, members) groups in which every two members score >=
+    threshold: the medoid (highest sum of scores to the others) takes, best first, each node
+    that scores >= threshold with every member taken so far; the rest is split again."""
+    rest = sorted(nodes, key=name)
     out = []
-    for nodes in members.values():
-        rep = min(nodes, key=lambda n: (-round(weight[n], 6), names[n]))
-        scores = {names[n]: 1.0 if n == rep else pair.get((n, rep), best[n]) for n in nodes}
-        out.append({"representative": names[rep], "members": scores})
+    while len(rest) > 1:
+        total = {x: sum(max(score(x, y), 0.0) for y in rest if y != x) for x in rest}
+        medoid = min(rest, key=lambda x: (-round(total[x], 6), name(x)))
+        group = [medoid]
+        for y in sorted(rest, key=lambda y: (-score(medoid, y), name(y))):
+            if y != medoid and all(score(y, g) >= threshold for g in group):
+                group.append(y)
+        if len(group) > 1:
+            out.append((medoid, group))
+        rest = [x for x in rest if x not in group]
+    return out
+
+
+def groups_from_edges(
+    edges: list[tuple[int, int, float]],
+    names: list[str],
+    scores: dict[tuple[int, int], float] | None = None,
+    threshold: float | None = None,
+) -> list[dict]:
+    """Union-find components of product codes, each split into complete groups ->
+    [{group_id, representative, members: {name: score}}], group_id by the order of each
+    group's smallest product name (deterministic).
+
+    `scores`: every scored pair (x, y) with x < y (default: the edges); a pair absent scores
+    -inf. `threshold`: what two members of one group must score (default: the lowest edge).
+    Representative: the medoid; a member's score is its score with it (1.0 for itself)."""
+    if not edges:
+        return []
+    pair = dict(scores) if scores is not None else {(x, y): sc for x, y, sc in edges}
+    t = min(sc for _, _, sc in edges) if threshold is None else threshold
+    uf = UnionFind()
+    for x, y, _ in edges:
+        uf.union(x, y)
+    components: dict[int, list[int]] = {}
+    for node in {n for x, y, _ in edges for n in (x, y)}:
+        components.setdefault(uf.find(node), []).append(node)
+
+    def score(x: int, y: int) -> float:
+        return pair.get((min(x, y), max(x, y)), -np.inf)
+
+    out = []
+    for nodes in components.values():
+        for rep, members in _complete(nodes, score, t, names.__getitem__):
+            out.append(
+                {
+                    "representative": names[rep],
+                    "members": {names[n]: 1.0 if n == rep else score(n, rep) for n in members},
+                }
+            )
     out.sort(key=lambda g: min(g["members"]))
     for gid, g in enumerate(out):
         g["group_id"] = gid

@@ -81,7 +81,8 @@ def render_html(
         "<style>body{font-family:sans-serif}figure{display:inline-block;margin:4px;"
         "font-size:11px;text-align:center}img{border:1px solid #ccc}</style></head><body>",
         f"<h1>Near-duplicate groups of version {esc(str(summary['version']))}</h1>",
-        f"<p>threshold {summary['threshold']}, {summary['groups']} groups, "
+        f"<p>copy-score threshold {summary['threshold']} (pairs verified from cosine "
+        f"{summary.get('embedding_threshold')}), {summary['groups']} groups, "
         f"{summary['grouped_products']} of {summary['products']} products in a group.</p>",
         "<h2>Largest groups</h2>",
     ]
@@ -113,7 +114,11 @@ def render_summary(summary: dict, groups: list[dict], shares: list[dict], top: i
     lines = [
         f"# Near-duplicate groups: version {summary['version']}",
         "",
-        f"- threshold: {summary['threshold']} (mutual nearest products, k={summary['k']})",
+        f"- copy-score threshold: {summary['threshold']} (mutual top-{summary['k']} products, "
+        "every two members of a group verified)",
+        f"- pairs at cosine >= {summary.get('embedding_threshold')}: "
+        f"{summary.get('pairs_above_embedding_threshold')} of {summary.get('pairs')} candidates,"
+        f" all copy-verified ({summary.get('verified_pairs')} in this run, the rest reused)",
         f"- products: {summary['products']}, items: {summary['items']}",
         f"- groups: {summary['groups']}, products in a group: {summary['grouped_products']}",
         f"- queried items: {summary['queried_items']} (reused from {summary['reused_from']})",

@@ -65,22 +65,27 @@ def local_features(pixels: np.ndarray) -> Features:
 def inliers(a: Features, b: Features) -> int:
     """Matches of a's keypoints in b consistent with one rotation + scale + shift (0 when fewer
     than MIN_MATCHES survive the ratio test, or RANSAC finds no model)."""
+    return match(a, b)[0]
+
+
+def match(a: Features, b: Features) -> tuple[int, np.ndarray | None]:
+    """(inliers, the 2x3 similarity transform mapping a's pixels onto b's, or None)."""
     if len(a) < MIN_MATCHES or len(b) < 2:  # the ratio test needs two neighbours in b
-        return 0
+        return 0, None
     pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(
         a.descriptors.astype(np.float32), b.descriptors.astype(np.float32), k=2
     )
     good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < RATIO * p[1].distance]
     if len(good) < MIN_MATCHES:
-        return 0
+        return 0, None
     src = a.xy[[m.queryIdx for m in good]]
     dst = b.xy[[m.trainIdx for m in good]]
     model, mask = cv2.estimateAffinePartial2D(
         src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PX
     )
     if model is None or mask is None:
-        return 0
-    return int(mask.sum())
+        return 0, None
+    return int(mask.sum()), model
 
 
 def rerank(
