@@ -128,7 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rerank", type=int, default=10, help="re-ranked candidates (0: off)")
     p.add_argument("--json", default=os.path.join(REPO, "bench", "results", "quality.json"))
     p.add_argument("--fresh", action="store_true")
+    p.add_argument("--text", action="store_true", help="text search instead (quality_text.py)")
     a = p.parse_args(argv)
+    if a.text:
+        import quality_text
+
+        json_out = a.json.replace("quality.json", "quality-text.json")
+        quality_text.run(a.catalog, a.work, json_out)
+        return 0
     if a.fresh:
         shutil.rmtree(a.work, ignore_errors=True)
     w = lambda *parts: os.path.join(a.work, *parts)  # noqa: E731

@@ -33,6 +33,7 @@ from visual_search import (
     fulltext,
     index,
     storage,
+    texttower,
     updates,
     versions,
 )
@@ -72,6 +73,7 @@ class Config:
     keep: int = 3
     seed: int = 0
     text: bool = True  # BM25 text indexes of the docs (GET /search?q=)
+    text_tower: bool = True  # with text: the semantic text tower (texttower.py) and its fusion
     gpus: int | None = None  # >0: train the template on a GPU (default: if the cluster has one)
     s3_endpoint: str | None = None
     # A trained template (a version's template.faiss) to fill instead of training one
@@ -196,6 +198,7 @@ def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> Ind
         )
     _say(f"verified {cfg.shards} shard file(s): checksums, counts, recall@{K} {recall_written:.4f}")
     filterable, text, t_text = _docs_indexes(cfg, root, records, env)
+    tower = _text_tower(cfg, root, dataset, text)
 
     manifest = IndexManifest(
         version=version,
@@ -229,9 +232,13 @@ def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> Ind
         },
         filterable=filterable,
         text=text,
+        text_tower=tower,
         template=template_record,
         updates_through=through,
     )
+    pending = storage.join(root, versions.PENDING)
+    if gate is not None:  # a crash while the gate runs must not leave a complete version
+        storage.write_bytes(pending, b"")
     manifest.write(root)  # last in the version folder: the version is complete
     if gate is not None:
         try:
@@ -239,6 +246,7 @@ def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> Ind
         except GateError:
             versions.withdraw(cfg.index_root, manifest.version)  # not complete, nor kept
             raise
+        storage.delete(pending)
     publish(cfg, root, manifest)
     return manifest
 
@@ -296,10 +304,39 @@ def _docs_indexes(cfg: Config, root: str, records, env) -> tuple[dict, dict | No
     return filterable, {"columns": columns, "shards": shards}, took
 
 
+def _text_tower(cfg: Config, root: str, dataset, text: dict | None) -> dict | None:
+    """The semantic text tower trained on the docs' (text, vector) pairs, or why not."""
+    if text is None or not cfg.text_tower:
+        return None
+    # At most MAX_ROWS sampled rows are read: a catalog's whole embeddings need not fit here.
+    n, cap = dataset.count, texttower.MAX_ROWS
+    ids = np.arange(n) if n <= cap else np.random.default_rng(cfg.seed).choice(n, cap, False)
+    ids, vectors = dataset.read_ids(ids)  # sorted
+    names = storage.parquet_columns(dataset.parts[0].uri)
+    docs = dataset.read_range(0, n, [c for c in names if c != "embedding"])
+    record = texttower.build(docs.take(pa.array(ids)), vectors, root)
+    if "skipped" in record:
+        _say(f"text tower skipped: {record['skipped']}")
+    else:
+        fusion = record["fusion"]
+        _say(
+            f"text tower trained on {record['rows']:,} rows in {record['seconds']:.1f}s "
+            f"({record['device']}): held-out title R@10 {record['heldout']['title_r10']:.3f}; "
+            f"fusion weights {fusion['text']['weights']} / {fusion['hybrid']['weights']}"
+        )
+    return record
+
+
 def publish(cfg: Config, root: str, manifest: IndexManifest) -> None:
-    """Move CURRENT to a complete version (its manifest written), then prune (best effort)."""
-    previous = versions.current(cfg.index_root)
-    versions.set_current(cfg.index_root, manifest.version)
+    """Move CURRENT forward to a complete version (its manifest written), then prune (best
+    effort). A newer build that published first wins: this one is withdrawn (GateError)."""
+    try:
+        previous = versions.set_current(cfg.index_root, manifest.version)
+    except versions.Superseded as exc:
+        versions.withdraw(cfg.index_root, manifest.version)
+        raise GateError(
+            f"{exc}: a newer build published first; {manifest.version} withdrawn"
+        ) from None
     _say(f"published {manifest.version} (was {previous}); CURRENT -> {root}")
     try:
         pruned = versions.prune(cfg.index_root, cfg.keep, manifest.version, (previous,))
@@ -321,6 +358,9 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=int, default=Config.keep, help="complete versions kept")
     p.add_argument("--gpus", type=int, help=devices.GPUS_HELP)
     p.add_argument("--no-text", dest="text", action="store_false", help="no BM25 text indexes")
+    p.add_argument(
+        "--no-text-tower", dest="text_tower", action="store_false", help="no semantic text tower"
+    )
     cli.add_s3_endpoint(p)
 
 

@@ -199,7 +199,7 @@ def test_build_publishes_a_complete_version(builds, dataset, factory):
         os.path.relpath(os.path.join(dp, f), folder) for dp, _, fs in os.walk(folder) for f in fs
     )
     expected = [f"docs/shard-{i:05d}.parquet" for i in range(SHARDS)]
-    expected += ["manifest.json", "template.faiss"]
+    expected += ["manifest.json", "template.faiss", "texttower.pt"]  # the docs have titles
     expected += [f"shard-{i:05d}.faiss" for i in range(SHARDS)]
     expected += [f"text/shard-{i:05d}/{f}" for i in range(SHARDS) for f in TEXT_FILES]
     assert files == sorted(expected)  # and no temp files left behind
@@ -381,7 +381,8 @@ def test_version_ids_sort_in_creation_order():
     assert ids == sorted(ids)
 
 
-def test_pruning_keeps_the_newest_complete_versions(ray_local, tmp_path):
+def test_pruning_keeps_the_newest_complete_versions(ray_local, tmp_path, monkeypatch):
+    monkeypatch.setattr(versions, "RECENT_S", 0.0)  # no version counts as still served
     data = write_embeddings_dataset(tmp_path / "emb", clustered_vectors(40, 8, seed=5))
     index_root = tmp_path / "index"
     dead = index_root / "versions" / "00000000T000000Z-dead"

@@ -56,7 +56,8 @@ def text_columns(docs: pa.Table) -> list[str]:
     return sorted(out, key=lambda c: (c != "title", docs.column_names.index(c)))
 
 
-def _doc_texts(docs: pa.Table, columns: list[str]) -> list[str]:
+def doc_texts(docs: pa.Table, columns: list[str]) -> list[str]:
+    """Each row's text: its `columns` joined by spaces (nulls as empty)."""
     if not columns:
         return [""] * docs.num_rows
     parts = [pc.fill_null(docs.column(c).cast(pa.string()), "") for c in columns]
@@ -93,7 +94,7 @@ class TextIndex:
         if missing:
             raise ValueError(f"text index: docs lack columns {missing}")
         ids = docs.column("id").to_numpy().astype(np.int64)
-        tokens = [tokenize(t) for t in _doc_texts(docs, columns)]
+        tokens = [tokenize(t) for t in doc_texts(docs, columns)]
         if not any(tokens):
             return cls(None, ids, columns)
         bm25 = bm25s.BM25(k1=K1, b=B, method="lucene")

@@ -142,6 +142,9 @@ class IndexManifest(_JsonManifest):
     filterable: dict | None = None
     # {"columns", "shards": [fulltext.build_shard_from_docs records]}: BM25 per shard, or None
     text: dict | None = None
+    # texttower.build's record: the semantic text tower's file, training and tuned fusion
+    # weights, or {"skipped": why}; None: not built
+    text_tower: dict | None = None
     # {"file", "sha256"}: the trained, empty index every shard was filled from (None: older)
     template: dict | None = None
     # {"seq", "segment"}: the update log (updates.py) folded in; the service applies the rest

@@ -241,17 +241,24 @@ async def preferring_search(
     return (own + rest)[:k]
 
 
-def fuse(rankings: list[list[dict]], k: int, names: tuple[str, ...]) -> list[dict]:
+def fuse(
+    rankings: list[list[dict]],
+    k: int,
+    names: tuple[str, ...],
+    weights: dict[str, float] | None = None,
+) -> list[dict]:
     """Result rows of several rankings of products (best first) fused by reciprocal rank: the
-    first row seen of each product, `score` = sum of 1 / (RRF_K + rank), and `ranks` = its
-    1-based rank in each (None where absent); the best k, ties by first appearance."""
+    first row seen of each product, `score` = sum of weight / (RRF_K + rank) (weights by name,
+    default 1; texttower tunes them), and `ranks` = its 1-based rank in each (None where
+    absent); the best k, ties by first appearance."""
     rows: dict[str, dict] = {}
     for name, ranking in zip(names, rankings, strict=True):
+        weight = 1.0 if weights is None else weights.get(name, 1.0)
         for rank, row in enumerate(ranking, 1):
             fused = rows.setdefault(
                 row["product_id"], {**row, "score": 0.0, "ranks": dict.fromkeys(names)}
             )
-            fused["score"] += 1.0 / (RRF_K + rank)
+            fused["score"] += weight / (RRF_K + rank)
             fused["ranks"][name] = rank
     best = sorted(rows.values(), key=lambda r: -r["score"])  # stable: first appearance wins ties
     for row in best:

@@ -38,6 +38,7 @@ from visual_search import (
     live,
     query,
     storage,
+    texttower,
     updates,
     verify,
     versions,
@@ -118,11 +119,17 @@ class _State:
         self.groups: dedup.Groups | None = groups  # near-duplicate groups; None: not available
         self.follower: live.Follower | None = None
         self.committer: live.Committer | None = None
+        self.tower: texttower.Tower | None = None  # semantic text search; None: BM25 alone
 
     def with_groups(self, groups: dedup.Groups | None) -> "_State":
         state = _State(self.version, self.docs, self.local, groups)
         state.follower, state.committer = self.follower, self.committer
+        state.tower = self.tower
         return state
+
+    def weights(self, kind: str) -> dict | None:
+        """The version's tuned fusion weights ("text": GET, "hybrid": POST), None: equal."""
+        return texttower.weights(self.version.manifest.text_tower, kind)
 
     @property
     def seq(self) -> int:
@@ -175,6 +182,37 @@ def _parse_filter(state: _State, category: str | None, text: str | None):
     if category is not None:
         flt = flt.and_(filters.Filter.category(category))
     return flt or None
+
+
+def _fusion_width(k: int) -> int:
+    """Results each ranking gives a fused answer (query.FUSION_DEPTH at least)."""
+    return min(max(2 * k, query.FUSION_DEPTH), 100)
+
+
+def _fused(answers: list[dict], names: tuple[str, ...], k: int, weights: dict | None) -> dict:
+    """One answer from several rankings' answers (the first's fields), results fused by
+    weighted reciprocal rank (query.fuse), each saying its `ranks`."""
+    answer = dict(answers[0])
+    answer["results"] = query.fuse([a["results"] for a in answers], k, names, weights)
+    answer["seq"] = min(a["seq"] for a in answers)
+    answer["partial"] = any(a["partial"] for a in answers)
+    answer["took_ms"] = max(a["took_ms"] for a in answers)
+    answer["fusion"] = {"method": "rrf", "k": query.RRF_K}
+    if weights:
+        answer["fusion"]["weights"] = weights
+    answer.pop("preferred_category", None)
+    return answer
+
+
+def _tower_summary(record: dict) -> dict:
+    """What /version says of the semantic text tower."""
+    fusion = record["fusion"]
+    return {
+        "kind": record["kind"],
+        "rows": record["rows"],
+        "heldout_title_r10": record["heldout"]["title_r10"],
+        "weights": {"text": fusion["text"]["weights"], "hybrid": fusion["hybrid"]["weights"]},
+    }
 
 
 app = httpapi.make_app("visual_search")
@@ -235,6 +273,7 @@ class Ingress:
         state.follower = live.Follower(self.index_root, overlay)
         writer = updates.Writer(self.index_root, overlay.position, m.dim)
         state.committer = live.Committer(writer)
+        state.tower = texttower.load(version.root, m.text_tower)
         return state
 
     def _ensure_following(self) -> None:
@@ -413,23 +452,28 @@ class Ingress:
         (reciprocal rank fusion), each result saying its `ranks`."""
         stage = Stages()
         data = await self._upload(request, stage)
+        photo = {}
 
         async def upload_query(state: _State, stage: Stages):
-            return *await self._embed(state, data, stage), None
+            vector, pixels = await self._embed(state, data, stage)
+            photo["vector"] = vector
+            return vector, pixels, None
 
         where = (category, filter_text)
-        width = k if q is None else min(max(2 * k, query.FUSION_DEPTH), 100)
-        args = (response, stage, upload_query, width, where)
-        answer = await self._query(*args, collapse=collapse, min_seq=min_seq)
+        width = k if q is None else _fusion_width(k)
+        more = dict(collapse=collapse, min_seq=min_seq)
+        answer = await self._query(response, stage, upload_query, width, where, **more)
         if q is None:
             return answer
-        args = (response, Stages(), self._text_query(q), width, where)
-        words = await self._query(*args, collapse=collapse, min_seq=min_seq)
-        answer["results"] = query.fuse([answer["results"], words["results"]], k, ("image", "text"))
-        answer["seq"] = min(answer["seq"], words["seq"])
-        answer["partial"] = answer["partial"] or words["partial"]
-        answer["fusion"] = {"method": "rrf", "k": query.RRF_K}
-        return answer
+        state = self.state
+        queries = {"text": self._text_query(q)}
+        if state.tower is not None:
+            queries["semantic"] = self._semantic_query(q, photo["vector"])
+        found = await asyncio.gather(
+            *(self._query(response, Stages(), f, width, where, **more) for f in queries.values())
+        )
+        names = ("image", *queries)
+        return _fused([answer, *found], names, k, state.weights("hybrid"))
 
     @app.get("/search")
     async def text_search(
@@ -442,10 +486,33 @@ class Ingress:
         collapse: Collapse = False,
         min_seq: MinSeq = 0,
     ) -> dict:
-        """Products whose title and text metadata match q (BM25), best first."""
+        """Products whose title and text metadata match q (BM25), best first; with the version's
+        text tower, BM25 fused with the words' vector search (`ranks` per ranking)."""
         where = (category, filter_text)
-        args = (response, Stages(), self._text_query(q), k, where)
-        return await self._query(*args, collapse=collapse, min_seq=min_seq)
+        more = dict(collapse=collapse, min_seq=min_seq)
+        state = self.state
+        if state.tower is None:
+            return await self._query(response, Stages(), self._text_query(q), k, where, **more)
+        width = _fusion_width(k)
+        queries = (self._text_query(q), self._semantic_query(q))
+        found = await asyncio.gather(
+            *(self._query(response, Stages(), f, width, where, **more) for f in queries)
+        )
+        return _fused(found, ("text", "semantic"), k, state.weights("text"))
+
+    @staticmethod
+    def _semantic_query(q: str, photo: np.ndarray | None = None):
+        """The words' vector from the version's text tower (moved from the photo's, with one)."""
+
+        async def semantic_query(state: _State, stage: Stages):
+            if state.tower is None:  # a reload to a version without one, mid-query
+                raise ApiError(409, "no_text_tower", f"version {state.name} has no text tower")
+            with stage("encode_text"):
+                words = await asyncio.to_thread(state.tower.encode, [q])
+            vector = words if photo is None else texttower.compose(photo, words)
+            return vector, None, None
+
+        return semantic_query
 
     @staticmethod
     def _text_query(q: str):
@@ -601,6 +668,7 @@ class Ingress:
             # what filter= accepts ({field: "string" | "number"}) and whether ?q= is served
             "filterable": self.state.filterable,
             "text": m.text["columns"] if m.text else None,
+            "semantic_text": _tower_summary(m.text_tower) if self.state.tower else None,
             "updates": {
                 "seq": self.state.seq,
                 "through": updates.Position.of(m.updates_through).as_dict(),
