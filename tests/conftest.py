@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import uuid
 
 import numpy as np
 import pytest
@@ -102,3 +103,20 @@ def write_catalog(root: pathlib.Path, n: int, size: tuple[int, int], categories:
     catalog = str(root / "catalog.parquet")
     pq.write_table(pa.Table.from_pylist(rows), catalog)
     return catalog
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """One moto S3 server (127.0.0.1) for the test module."""
+    from s3server import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_root(request, tmp_path):
+    """A fresh root URI on each backend: a temp folder, or a new prefix in the module's bucket."""
+    if request.param == "local":
+        return str(tmp_path / "index")
+    return request.getfixturevalue("s3").uri(f"index-{uuid.uuid4().hex}")

@@ -10,7 +10,6 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 import pytest
-from s3server import S3Server
 
 from visual_search import filters, fulltext, storage
 from visual_search.fulltext import TextIndex, text_columns, tokenize
@@ -186,12 +185,6 @@ def test_docs_without_text_and_empty_shards(tmp_path):
         TextIndex.build(pa.table({"title": ["x"]}))
     with pytest.raises(ValueError, match="colour"):
         TextIndex.build(_docs(), columns=["colour"])
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with S3Server() as server:
-        yield server
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"])

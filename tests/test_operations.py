@@ -227,12 +227,6 @@ class Head:
 
 
 @pytest.fixture(scope="module")
-def s3():
-    with S3Server() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def head(s3):
     # After s3: the head inherits the fake credentials (and nothing else of the server).
     h = Head()

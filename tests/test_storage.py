@@ -14,19 +14,11 @@ import uuid
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
-from s3server import S3Server
 
 from visual_search import storage
 from visual_search.storage import FileEntry, StorageError, TooLarge
 
 # ---------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """One moto server for the whole module."""
-    with S3Server() as server:
-        yield server
 
 
 @pytest.fixture(scope="module", params=["local", "s3"])

@@ -4,11 +4,9 @@ on local storage and on S3 (moto), and the log's effect on a version (Overlay)."
 from __future__ import annotations
 
 import threading
-import uuid
 
 import numpy as np
 import pytest
-from s3server import S3Server
 
 from visual_search import storage, updates
 from visual_search.updates import DELETE, UPSERT, Overlay, Position, Update, Writer
@@ -16,17 +14,9 @@ from visual_search.updates import DELETE, UPSERT, Overlay, Position, Update, Wri
 DIM = 4
 
 
-@pytest.fixture(scope="module")
-def s3():
-    with S3Server() as server:
-        yield server
-
-
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "index")
-    return f"s3://{request.getfixturevalue('s3').bucket}/{uuid.uuid4().hex}"
+@pytest.fixture
+def root(any_root):
+    return any_root
 
 
 def upsert(pid: str, x: float = 1.0, model: str = "m") -> Update:

@@ -402,24 +402,23 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
         raise _wrap(uri, exc) from exc
 
 
-def parquet_num_rows(uri: str) -> int:
-    """Row count from the footer, without reading the data."""
+def _parquet_footer(uri: str) -> pq.FileMetaData:
     fs, path = resolve(uri)
     try:
         with fs.open_input_file(path) as f:
-            return pq.ParquetFile(f).metadata.num_rows
+            return pq.ParquetFile(f).metadata
     except Exception as exc:
         raise _wrap(uri, exc) from exc
+
+
+def parquet_num_rows(uri: str) -> int:
+    """Row count from the footer, without reading the data."""
+    return _parquet_footer(uri).num_rows
 
 
 def parquet_columns(uri: str) -> list[str]:
     """Column names from the footer, without reading the data."""
-    fs, path = resolve(uri)
-    try:
-        with fs.open_input_file(path) as f:
-            return pq.ParquetFile(f).schema_arrow.names
-    except Exception as exc:
-        raise _wrap(uri, exc) from exc
+    return _parquet_footer(uri).schema.to_arrow_schema().names
 
 
 def delete(uri: str, missing_ok: bool = True) -> None:
