@@ -250,7 +250,8 @@ def fuse(
     """Result rows of several rankings of products (best first) fused by reciprocal rank: the
     first row seen of each product, `score` = sum of weight / (RRF_K + rank) (weights by name,
     default 1; texttower tunes them), and `ranks` = its 1-based rank in each (None where
-    absent); the best k, ties by first appearance."""
+    absent); the best k, ties by first appearance. A product only rankings of weight 0 found
+    is left out (a zero weight turns that ranking off)."""
     rows: dict[str, dict] = {}
     for name, ranking in zip(names, rankings, strict=True):
         weight = 1.0 if weights is None else weights.get(name, 1.0)
@@ -261,6 +262,7 @@ def fuse(
             fused["score"] += weight / (RRF_K + rank)
             fused["ranks"][name] = rank
     best = sorted(rows.values(), key=lambda r: -r["score"])  # stable: first appearance wins ties
+    best = [row for row in best if row["score"] > 0]
     for row in best:
         row["score"] = round(row["score"], 6)
     return best[:k]
