@@ -131,6 +131,11 @@ class _State:
         """The version's tuned fusion weights ("text": GET, "hybrid": POST), None: equal."""
         return texttower.weights(self.version.manifest.text_tower, kind)
 
+    def semantic(self, kind: str) -> bool:
+        """Whether the tower's ranking counts in this fusion (a tuned weight of 0: not run)."""
+        weights = self.weights(kind)
+        return self.tower is not None and (weights is None or weights.get("semantic", 1.0) > 0)
+
     @property
     def seq(self) -> int:
         return self.docs.overlay.seq
@@ -467,7 +472,7 @@ class Ingress:
             return answer
         state = self.state
         queries = {"text": self._text_query(q)}
-        if state.tower is not None:
+        if state.semantic("hybrid"):
             queries["semantic"] = self._semantic_query(q, photo["vector"])
         found = await asyncio.gather(
             *(self._query(response, Stages(), f, width, where, **more) for f in queries.values())
@@ -491,7 +496,7 @@ class Ingress:
         where = (category, filter_text)
         more = dict(collapse=collapse, min_seq=min_seq)
         state = self.state
-        if state.tower is None:
+        if not state.semantic("text"):
             return await self._query(response, Stages(), self._text_query(q), k, where, **more)
         width = _fusion_width(k)
         queries = (self._text_query(q), self._semantic_query(q))
