@@ -12,8 +12,10 @@ semantic text tower against their fusion, on test products only.
    jobs/build_index.py (BM25 per shard, no tower of its own).
 3. Searched in process with the service's own functions: query.ShardIndex.search (vectors) and
    .text_search (BM25), query.widening_search + query.results (one result per product),
-   query.fuse (the tuned weighted RRF, depth serving._fusion_width) and texttower.compose
-   (POST /search?q=: the photo's vector moved toward the words').
+   query.fuse (the tuned weighted RRF, depth serving._fusion_width), texttower.compose
+   (the photo's vector moved toward the words') and, for POST /search?q=, the photo's ranking
+   among the products matching the words (`words`: a filters.Filter words filter) fused first
+   (query.words_weight); `fused` is the fusion without it, `hybrid` what the service answers.
 4. Figures, in two variants: `all_text` (the docs' text = title + the short metadata columns,
    as the build indexes a catalog) and `titles_only` (category, colour and the other labels
    dropped from the docs: only judged by, so words must be learned from the photos):
@@ -43,6 +45,7 @@ sys.path.insert(0, REPO)
 from jobs import build_index, embed  # noqa: E402
 from visual_search import (  # noqa: E402
     embeddings,
+    filters,
     fulltext,
     query,
     texttower,
@@ -72,8 +75,9 @@ class Gallery:
         hits = asyncio.run(query.widening_search(fan_out, metric, self.docs, width))
         return query.results(self.docs, hits)
 
-    def vector(self, v: np.ndarray, width: int = K) -> list[dict]:
-        return self._ranking(lambda s, w: s.search(v, w), self.metric, width)
+    def vector(self, v: np.ndarray, width: int = K, words: str = "") -> list[dict]:
+        flt = filters.Filter(words=words) if words else None
+        return self._ranking(lambda s, w: s.search(v, w, flt), self.metric, width)
 
     def text(self, q: str, width: int = K) -> list[dict]:
         return self._ranking(lambda s, w: s.text_search(q, w), "ip", width)
@@ -93,6 +97,11 @@ def rankings(gallery: Gallery, tower, q: str, photo: np.ndarray | None, record: 
         out["tower"] = gallery.vector(texttower.compose(photo, words), width)
         kinds, names = ("image", "tower", "bm25"), ("image", "semantic", "text")
         weights = record["fusion"]["hybrid"]["weights"]
+        out["words"] = gallery.vector(photo, K, words=q)
+        out["fused"] = query.fuse([out[n] for n in kinds], K, names, weights)
+        weights = {n: 1.0 for n in names} | weights
+        weights["words"] = query.words_weight(weights, names, K)
+        kinds, names = (*kinds, "words"), (*names, "words")
     out["hybrid"] = query.fuse([out[n] for n in kinds], K, names, weights)
     return {n: r[:K] for n, r in out.items()}
 

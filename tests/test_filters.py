@@ -139,6 +139,18 @@ def test_key_is_stable_and_category_shorthand_is_the_same_filter():
     assert not Filter() and Filter().key() == ""
 
 
+def test_words_join_the_conditions_and_need_a_text_index():
+    """Filter(words=...): part of the key and of and_, refused by mask (query.ShardIndex
+    answers it from the shard's text index)."""
+    words = Filter(words="blue, shirt")
+    assert words and words.key() == "words=blue\\, shirt"
+    both = Filter.category("Shoes").and_(words)
+    assert both.key() == "category:Shoes,words=blue\\, shirt" and both.conditions
+    assert Filter(words="a").and_(Filter(words="b")).words == "a b"
+    with pytest.raises(FilterError):
+        both.mask(pa.table({"id": [1], "category": ["Shoes"]}))
+
+
 def test_mask_on_chunked_and_dictionary_columns():
     docs = _docs(10)
     chunked = pa.concat_tables([docs.slice(0, 4), docs.slice(4)])

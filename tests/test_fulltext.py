@@ -156,6 +156,23 @@ def test_allowed_ids_restrict_and_still_fill_k(k, shuffled):
     ]
 
 
+def test_matching_keeps_the_docs_near_the_best_score():
+    """A words filter's docs: a score at least MATCH_SHARE of the best doc's, by the reference."""
+    docs = _docs()
+    index = TextIndex.build(docs)
+    for query in QUERIES:
+        ref = _reference(docs, query)
+        best = max(ref.values(), default=0.0)
+        expected = sorted(i for i, s in ref.items() if s >= fulltext.MATCH_SHARE * best - 1e-5)
+        assert index.matching(query).tolist() == expected, query
+    # "red" names a dress once in a long title and once in a short one: both match; the rest
+    # have no "red" at all.
+    assert index.matching("red").tolist() == [100, 102, 103, 105, 106, 110]
+    assert index.matching("the and of").tolist() == []
+    with pytest.raises(ValueError):
+        index.matching("x" * (fulltext.MAX_QUERY_CHARS + 1))
+
+
 def test_empty_queries_and_limits():
     index = TextIndex.build(_docs())
     for query in ["", "   ", "the of and", "!!!", "qqqq"]:

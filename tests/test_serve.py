@@ -41,7 +41,7 @@ from ports import free_port
 
 from jobs import build_index, embed
 from jobs import dedup as dedup_job
-from visual_search import __version__, dedup, embedders, embeddings, heads, versions
+from visual_search import __version__, dedup, embedders, embeddings, heads, query, versions
 
 API_KEY = "test-key"
 KEY_ENV = "VISUAL_SEARCH_API_KEY"
@@ -510,19 +510,27 @@ def test_text_search(svc):
 
 
 def test_hybrid_search_fuses_the_photo_and_the_words(svc):
-    """POST /search?q=: the photo's ranking and the words' ranking, fused by reciprocal rank."""
+    """POST /search?q=: the products matching the words first, in the photo's order, then the
+    photo's ranking and the words' ranking fused by reciprocal rank."""
     photo = svc.files["p003.jpg"]
     alone = pids(assert_answer(svc.search(photo, k=N_PRODUCTS)))
     far = next(p for p in reversed(alone) if p != "p000")  # the photo's least like product
     assert alone[0] == "p003"
-    # Its number alone: a word of its title only, so the text ranking holds it alone.
-    body = assert_answer(svc.search(photo, k=5, q=str(int(far[1:]))))
-    assert body["fusion"] == {"method": "rrf", "k": 60} and len(body["results"]) == 5
-    assert pids(body)[:2] == ["p003", far]  # each first in one ranking; ties: the photo's first
+    # Its number alone: a word of its title only, so it alone matches the words.
+    k = 5
+    body = assert_answer(svc.search(photo, k=k, q=str(int(far[1:]))))
+    words = 2 * (query.RRF_K + k + 1) / (query.RRF_K + 1)  # query.words_weight of image + text
+    weights = {"image": 1.0, "text": 1.0, "words": words}
+    assert body["fusion"] == {"method": "rrf", "k": 60, "weights": weights}
+    assert len(body["results"]) == k
+    assert pids(body)[:2] == [far, "p003"]  # the match, then the photo's first
     ranks = {row["product_id"]: row["ranks"] for row in body["results"]}
-    assert ranks["p003"] == {"image": 1, "text": None} and ranks[far] == {"image": None, "text": 1}
-    scores = [row["score"] for row in body["results"]]
-    assert scores == sorted(scores, reverse=True)
+    assert ranks[far] == {"image": None, "text": 1, "words": 1}
+    assert ranks["p003"] == {"image": 1, "text": None, "words": None}
+    # A word many products share (their category's name): those products first, then others.
+    body = assert_answer(svc.search(photo, k=len(RARE) + 2, q="rare"))
+    assert set(pids(body)[: len(RARE)]) == set(RARE)
+    assert [r["ranks"]["words"] for r in body["results"][len(RARE) :]] == [None, None]
     rare = assert_answer(svc.search(photo, k=3, q="product", category="rare"))
     assert set(pids(rare)) <= set(RARE)
     assert_error(svc.search(photo, q=""), 400, "bad_request")

@@ -133,9 +133,12 @@ class Condition:
 
 @dataclass(frozen=True)
 class Filter:
-    """A conjunction of conditions; `Filter()` matches every row."""
+    """A conjunction of conditions; `Filter()` matches every row. With `words`, only the rows
+    whose text matches them as well (POST /search?q=: the words narrow, the photo ranks); that
+    needs a shard's text index (query.ShardIndex), so `mask` refuses it."""
 
     conditions: tuple[Condition, ...] = ()
+    words: str = ""
 
     @classmethod
     def category(cls, value: str) -> Filter:
@@ -143,17 +146,21 @@ class Filter:
         return cls((Condition("category", "in", (value,)),))
 
     def and_(self, other: Filter) -> Filter:
-        return Filter(tuple(sorted(set(self.conditions) | set(other.conditions))))
+        conditions = tuple(sorted(set(self.conditions) | set(other.conditions)))
+        return Filter(conditions, " ".join(w for w in (self.words, other.words) if w))
 
     def __bool__(self) -> bool:
-        return bool(self.conditions)
+        return bool(self.conditions or self.words)
 
     def key(self) -> str:
         """Stable text for caching: equal for filters that differ only in order or repeats."""
-        return ",".join(sorted({c.key() for c in self.conditions}))
+        keys = sorted({c.key() for c in self.conditions})
+        return ",".join(keys + ([f"words={_escape(self.words)}"] if self.words else []))
 
     def mask(self, table: pa.Table) -> np.ndarray:
         """bool (n_rows,): rows where every condition holds."""
+        if self.words:
+            raise FilterError("a words filter needs a text index, not a table")
         out = np.ones(table.num_rows, dtype=bool)
         for cond in self.conditions:
             out &= cond.mask(table)

@@ -28,6 +28,10 @@ from visual_search.manifest import check_relative
 
 MAX_QUERY_CHARS = 500
 K1, B = 1.5, 0.75
+# A doc matches words (a words filter, TextIndex.matching) when its BM25 score is at least this
+# share of the best doc's: a long doc that names the word once still matches, a doc that has only
+# the commonest word of several does not.
+MATCH_SHARE = 0.4
 FORMAT = 1
 META_FILE, IDS_FILE = "meta.json", "ids.npy"
 _NOT_TEXT = frozenset({"id", "product_id", "image_uri"})
@@ -112,10 +116,7 @@ class TextIndex:
         Only docs sharing a token with the query match; ties go to the smaller id. With
         `allowed_ids` only those ids are candidates, so k results come whenever k allowed match.
         """
-        if not isinstance(query, str):
-            raise ValueError(f"text query must be a string, not {type(query).__name__}")
-        if len(query) > MAX_QUERY_CHARS:
-            raise ValueError(f"text query: {len(query)} characters, at most {MAX_QUERY_CHARS}")
+        self._check(query)
         if k < 0:
             raise ValueError(f"k must be >= 0, not {k}")
         scores_out = np.full(k, -np.inf, dtype=np.float32)
@@ -137,6 +138,19 @@ class TextIndex:
         ids_out[:n] = self.ids[pos[order]]
         return scores_out, ids_out
 
+    def matching(self, query: str, share: float = MATCH_SHARE) -> np.ndarray:
+        """int64 ids, ascending, of the docs whose score for `query` is at least `share` of the
+        best doc's (none when no doc shares a token with it)."""
+        self._check(query)
+        token_ids = self._token_ids(query)
+        if not token_ids:
+            return np.zeros(0, np.int64)
+        scores = np.asarray(self._bm25.get_scores_from_ids(token_ids), dtype=np.float32)
+        best = scores.max(initial=0.0)
+        if best <= 0:
+            return np.zeros(0, np.int64)
+        return np.sort(self.ids[scores >= share * best])
+
     def _allowed_rows(self, allowed_ids: np.ndarray) -> np.ndarray:
         if self._first_id is None:
             return np.isin(self.ids, allowed_ids)
@@ -144,6 +158,13 @@ class TextIndex:
         mask = np.zeros(len(self.ids), dtype=bool)
         mask[rows[(rows >= 0) & (rows < len(self.ids))]] = True
         return mask
+
+    @staticmethod
+    def _check(query: str) -> None:
+        if not isinstance(query, str):
+            raise ValueError(f"text query must be a string, not {type(query).__name__}")
+        if len(query) > MAX_QUERY_CHARS:
+            raise ValueError(f"text query: {len(query)} characters, at most {MAX_QUERY_CHARS}")
 
     def _token_ids(self, query: str) -> list[int]:
         if self._bm25 is None:

@@ -56,13 +56,20 @@ class ShardIndex:
         with self.lock:  # searches run in several threads at once
             if key not in self.members:
                 try:
-                    self.members[key] = flt.ids(self.docs)
+                    self.members[key] = self._matching(flt)
                 except filters.FilterError:  # e.g. a category filter on docs without categories
                     self.members[key] = np.zeros(0, np.int64)
                 while len(self.members) > FILTER_CACHE:
                     self.members.popitem(last=False)
             self.members.move_to_end(key)
             return self.members[key]
+
+    def _matching(self, flt: filters.Filter) -> np.ndarray:
+        ids = filters.Filter(flt.conditions).ids(self.docs) if flt.conditions else None
+        if flt.words:
+            words = self.text.matching(flt.words) if self.text else np.zeros(0, np.int64)
+            ids = words if ids is None else np.intersect1d(ids, words, assume_unique=True)
+        return ids
 
     def search(self, vectors: np.ndarray, k: int, flt: filters.Filter | None = None, dead=None):
         """(scores, ids) (nq, k); with a filter, only the items that pass it, and never the ids
@@ -266,3 +273,11 @@ def fuse(
     for row in best:
         row["score"] = round(row["score"], 6)
     return best[:k]
+
+
+def words_weight(weights: dict[str, float] | None, names: tuple[str, ...], k: int) -> float:
+    """The fusion weight of a "words" ranking (POST /search?q=: the photo's ranking among the
+    products that match the words) that puts each of its first k ahead of every product it does
+    not hold: its rank k outscores rank 1 in all the other rankings `names` together."""
+    others = sum(1.0 if weights is None else weights.get(n, 1.0) for n in names)
+    return others * (RRF_K + k + 1) / (RRF_K + 1)

@@ -392,12 +392,14 @@ class Ingress:
         exclude=None,
         collapse=False,
         min_seq=0,
+        words=None,
     ) -> dict:
         """Admit, pin the current version, get the query (vector or text, the photo's pixels or
         None, the category to prefer or None), search among the items `where` = (category, filter
         text) lets through (with `collapse`, one per near-duplicate group when the version has
         groups); for a photo, re-rank the top products and predict its category. The answer's
-        seq is the update log seq it reflects; with min_seq, at least that one or 503 stale."""
+        seq is the update log seq it reflects; with min_seq, at least that one or 503 stale. With
+        `words`, only the items whose text matches them (filters.Filter.words)."""
         self._ensure_following()
         coverage = fanout.Coverage(len(self.shards), min_seq)
         async with self._admit("searching", self.settings.max_inflight):
@@ -406,6 +408,8 @@ class Ingress:
                 raise _stale(min_seq, state.seq)
             metric = state.version.manifest.metric
             flt = _parse_filter(state, *where)
+            if words:
+                flt = (flt or filters.Filter()).and_(filters.Filter(words=words))
             group_of = state.groups.group_of if collapse and state.groups else None
             probe, pixels, prefer = await query_of(state, stage)
             prefer = None if flt else prefer  # a filter makes the preference moot
@@ -453,8 +457,10 @@ class Ingress:
         min_seq: MinSeq = 0,
         q: HybridText = None,
     ) -> dict:
-        """Products like the photo; with `q`, hybrid: the photo's and the words' rankings fused
-        (reciprocal rank fusion), each result saying its `ranks`."""
+        """Products like the photo; with `q`, hybrid: the photo's ranking, the words' rankings
+        and the photo's ranking among the products whose text matches the words ("words"),
+        fused by weighted reciprocal rank, the words ranking weighted to come first; each
+        result says its `ranks`."""
         stage = Stages()
         data = await self._upload(request, stage)
         photo = {}
@@ -474,11 +480,18 @@ class Ingress:
         queries = {"text": self._text_query(q)}
         if state.semantic("hybrid"):
             queries["semantic"] = self._semantic_query(q, photo["vector"])
-        found = await asyncio.gather(
-            *(self._query(response, Stages(), f, width, where, **more) for f in queries.values())
+
+        async def photo_query(state: _State, stage: Stages):
+            return photo["vector"], None, None  # not re-ranked: the words decide, not the item
+
+        matching, *found = await asyncio.gather(
+            self._query(response, Stages(), photo_query, k, where, words=q, **more),
+            *(self._query(response, Stages(), f, width, where, **more) for f in queries.values()),
         )
         names = ("image", *queries)
-        return _fused([answer, *found], names, k, state.weights("hybrid"))
+        weights = {n: 1.0 for n in names} | (state.weights("hybrid") or {})
+        weights["words"] = query.words_weight(weights, names, k)
+        return _fused([answer, *found, matching], (*names, "words"), k, weights)
 
     @app.get("/search")
     async def text_search(
