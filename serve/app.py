@@ -12,7 +12,7 @@ import logging
 from pydantic import BaseModel, Field, model_validator
 from ray.serve import Application
 
-from visual_search import storage, versions
+from visual_search import orphans, storage, versions
 from visual_search.searchers import QueryEmbedder, ShardSearcher
 from visual_search.serving import Ingress, Settings
 
@@ -113,6 +113,12 @@ def shard_cpus(args: AppArgs, shards: int) -> float:
 def build_app(args: AppArgs) -> Application:
     """Ingress (with the model inside, or -> QueryEmbedder) + one ShardSearcher deployment per
     shard of the CURRENT version."""
+    import ray
+
+    if not ray.is_initialized():
+        # `serve run serve.app:build_app` builds the app before it starts (or joins) Ray: the
+        # last moment to free the ports a hard-killed run's haproxy holds before Serve binds.
+        orphans.reap_orphan_haproxy()
     if args.s3_endpoint:
         storage.configure(args.s3_endpoint)
     index_root = storage.normalize(args.index_root)

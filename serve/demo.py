@@ -14,7 +14,7 @@ import requests
 from ray import serve
 
 from serve.app import AppArgs, build_app
-from visual_search import cluster, storage, versions
+from visual_search import cluster, orphans, storage, versions
 
 KEY_ENV = "VISUAL_SEARCH_API_KEY"
 
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster.use_serve_env(drain_s=1)  # one machine: no load balancer to deregister from
     # Admin writes need a key: one made for this demo unless one is set (replicas inherit it).
     os.environ.setdefault(KEY_ENV, secrets.token_urlsafe(24))
+    orphans.reap_orphan_haproxy()  # a hard-killed demo's haproxy would keep --port
     ray.init()
     serve.start(http_options={"host": args.host, "port": args.port})
     root = storage.normalize(args.index_root)
