@@ -15,13 +15,13 @@ import time
 
 import pytest
 
-from visual_search import storage, versions
+from visual_search import storage, updates, versions
 
 # A publisher as a build does it: a new version's files, manifest last, CURRENT, prune.
 PUBLISHER = textwrap.dedent(
     """
     import sys, time
-    from visual_search import storage, versions
+    from visual_search import storage, updates, versions
     root, rounds, slow = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     versions.RECENT_S = 1.0
     for _ in range(rounds):
@@ -117,6 +117,55 @@ def test_current_never_moves_backwards_nor_onto_an_incomplete_version(root):
     storage.write_bytes(storage.join(versions.version_root(root, half), "shard-00000.faiss"), b"")
     with pytest.raises(ValueError, match="not complete"):
         versions.set_current(root, half)
+    assert versions.current(root) == new
+
+
+def _publish(root: str, version: str, through: dict | None = None) -> None:
+    manifest = json.dumps({"updates_through": through} if through else {}).encode()
+    storage.write_bytes(
+        storage.join(versions.version_root(root, version), "manifest.json"), manifest
+    )
+
+
+def test_rollback_moves_current_back_and_records_it(root, capsys):
+    from jobs import rollback
+
+    old, bad = "20260101T000000.000000Z-aaaaaa", "20260102T000000.000000Z-bbbbbb"
+    _publish(root, old, {"seq": 4, "segment": 2})
+    _publish(root, bad)
+    versions.set_current(root, old)
+    versions.set_current(root, bad)
+    assert rollback.main(["--index-root", root, "--to", old]) == 0
+    assert f"CURRENT {bad} -> {old}" in capsys.readouterr().out
+    assert versions.current(root) == old
+    last = storage.list_files(storage.join(root, versions.HISTORY))[-1]  # names sort by time
+    assert storage.read_json(last.uri) | {"unix": 0} == {
+        "from": bad,
+        "to": old,
+        "rollback": True,
+        "unix": 0,
+    }
+    # Not newer than CURRENT, missing, or not a version id: refused, CURRENT unchanged.
+    for target in (old, bad, "20251231T000000.000000Z-cccccc", "../x"):
+        assert rollback.main(["--index-root", root, "--to", target]) == 2
+    assert versions.current(root) == old
+    newer = versions.new_version_id()
+    _publish(root, newer)
+    versions.set_current(root, newer)  # the next build publishes forward as usual
+    assert versions.current(root) == newer
+
+
+def test_rollback_refuses_a_version_whose_updates_are_retired(root, capsys):
+    from jobs import rollback
+
+    old, new = "20260101T000000.000000Z-aaaaaa", "20260102T000000.000000Z-bbbbbb"
+    _publish(root, old, {"seq": 4, "segment": 2})
+    _publish(root, new, {"seq": 9, "segment": 5})
+    versions.set_current(root, old)
+    versions.set_current(root, new)
+    updates.retire(root, updates.Position(9, 5))  # compaction folded segments 3-5 into `new`
+    assert rollback.main(["--index-root", root, "--to", old]) == 2
+    assert "retired" in capsys.readouterr().err
     assert versions.current(root) == new
 
 

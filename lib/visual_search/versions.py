@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import faiss
 import pyarrow as pa
 
-from visual_search import fulltext, index, storage
+from visual_search import fulltext, index, storage, updates
 from visual_search.manifest import IndexManifest
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,35 @@ def set_current(index_root: str, version: str) -> str | None:
             return live
 
 
-def _record(index_root: str, before: str | None, after: str) -> None:
+def roll_back(index_root: str, version: str) -> str:
+    """Move CURRENT back to an older complete `version` (an operator undoing a bad publish), by
+    the same compare-and-swap; returns the version it replaced. Refused when `version` is not
+    older than CURRENT, or is so old that the update log no longer holds the updates it would
+    need (updates.check_reachable: they would be lost). The versions rolled back from stay (a
+    complete version newer than CURRENT is never pruned) until a newer build publishes."""
+    check_version(version)
+    if not is_complete(index_root, version):
+        raise ValueError(f"version {version} is not complete; refusing to make it CURRENT")
+    manifest = storage.read_json(storage.join(version_root(index_root, version), "manifest.json"))
+    updates.check_reachable(index_root, updates.Position.of(manifest.get("updates_through")))
+    uri = storage.join(index_root, "CURRENT")
+    while True:
+        raw = storage.read_bytes(uri, 4096) if storage.exists(uri) else None
+        live = _parse(uri, raw)
+        if live is None or live <= version:
+            raise ValueError(
+                f"CURRENT names {live}, not newer than {version}: nothing to roll back"
+            )
+        _record(index_root, live, version, rollback=True)
+        if storage.swap(uri, raw, (version + "\n").encode()):
+            return live
+
+
+def _record(index_root: str, before: str | None, after: str, rollback: bool = False) -> None:
     ns = time.time_ns()
-    entry = {"from": before, "to": after, "unix": ns / 1e9}
+    entry = {"from": before, "to": after, "unix": ns / 1e9} | (
+        {"rollback": True} if rollback else {}
+    )
     name = f"{ns:020d}-{uuid.uuid4().hex[:8]}.json"
     storage.write_bytes(storage.join(index_root, HISTORY, name), json.dumps(entry).encode())
 
