@@ -213,7 +213,11 @@ def prune(
         if v not in keep_set and (created_unix(v) < young or (ok and live is not None and v < live))
     ]
     for v in doomed:
-        storage.delete(version_root(index_root, v))
+        try:
+            storage.delete(version_root(index_root, v))
+        except storage.StorageError:
+            if storage.exists(version_root(index_root, v)):
+                raise  # not another build's prune of the same version, which is fine
     return doomed
 
 
