@@ -431,6 +431,9 @@ def delete(uri: str, missing_ok: bool = True) -> None:
             fs.delete_file(path)
         elif not missing_ok:
             raise StorageError(f"{uri}: not found")
+    except FileNotFoundError as exc:
+        if not missing_ok:  # else: another writer deleted it since get_file_info
+            raise _wrap(uri, exc) from exc
     except Exception as exc:
         raise _wrap(uri, exc) from exc
 

@@ -92,10 +92,8 @@ def set_current(index_root: str, version: str) -> str | None:
     Raises Superseded when CURRENT names `version` or a newer one (ids sort by creation time),
     so two racing builds never move it backwards; the move is recorded in history/ first, so
     prune spares the replaced version for RECENT_S."""
-    uri = storage.join(index_root, "CURRENT")
-    while True:
-        raw = storage.read_bytes(uri, 4096) if storage.exists(uri) else None
-        live = _parse(uri, raw)
+
+    def refuse(live: str | None) -> None:
         if live is not None and live >= version:
             raise Superseded(f"CURRENT names {live}, not older than {version}; not moving it")
         if not is_complete(index_root, version):
@@ -103,7 +101,19 @@ def set_current(index_root: str, version: str) -> str | None:
                 f"version {version} is not complete (no manifest.json, or its gate pending); "
                 "refusing to make it CURRENT"
             )
-        _record(index_root, live, version)
+
+    return _move_current(index_root, version, refuse)
+
+
+def _move_current(index_root: str, version: str, refuse, rollback: bool = False) -> str | None:
+    """CURRENT -> `version` by compare-and-swap, recorded in history/ first; refuse(live)
+    raises when the move is not allowed from what CURRENT names now. Returns the replaced."""
+    uri = storage.join(index_root, "CURRENT")
+    while True:
+        raw = storage.read_bytes(uri, 4096) if storage.exists(uri) else None
+        live = _parse(uri, raw)
+        refuse(live)
+        _record(index_root, live, version, rollback)
         if storage.swap(uri, raw, (version + "\n").encode()):
             return live
 
@@ -119,24 +129,21 @@ def roll_back(index_root: str, version: str) -> str:
         raise ValueError(f"version {version} is not complete; refusing to make it CURRENT")
     manifest = storage.read_json(storage.join(version_root(index_root, version), "manifest.json"))
     updates.check_reachable(index_root, updates.Position.of(manifest.get("updates_through")))
-    uri = storage.join(index_root, "CURRENT")
-    while True:
-        raw = storage.read_bytes(uri, 4096) if storage.exists(uri) else None
-        live = _parse(uri, raw)
+
+    def refuse(live: str | None) -> None:
         if live is None or live <= version:
             raise ValueError(
                 f"CURRENT names {live}, not newer than {version}: nothing to roll back"
             )
-        _record(index_root, live, version, rollback=True)
-        if storage.swap(uri, raw, (version + "\n").encode()):
-            return live
+
+    return _move_current(index_root, version, refuse, rollback=True)
 
 
 def _record(index_root: str, before: str | None, after: str, rollback: bool = False) -> None:
     ns = time.time_ns()
-    entry = {"from": before, "to": after, "unix": ns / 1e9} | (
-        {"rollback": True} if rollback else {}
-    )
+    entry = {"from": before, "to": after, "unix": ns / 1e9}
+    if rollback:
+        entry["rollback"] = True
     name = f"{ns:020d}-{uuid.uuid4().hex[:8]}.json"
     storage.write_bytes(storage.join(index_root, HISTORY, name), json.dumps(entry).encode())
 
@@ -213,11 +220,7 @@ def prune(
         if v not in keep_set and (created_unix(v) < young or (ok and live is not None and v < live))
     ]
     for v in doomed:
-        try:
-            storage.delete(version_root(index_root, v))
-        except storage.StorageError:
-            if storage.exists(version_root(index_root, v)):
-                raise  # not another build's prune of the same version, which is fine
+        storage.delete(version_root(index_root, v))
     return doomed
 
 
