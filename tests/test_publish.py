@@ -63,8 +63,10 @@ def root(any_root):
 
 
 def test_racing_publishers_move_current_forward_onto_complete_versions(root, tmp_path):
-    procs = [_start(tmp_path, root, 4) for _ in range(3)]
-    procs.append(_start(tmp_path, root, 1, slow=3.0))  # older id, in flight the whole time
+    # Paced rounds (0.2 s each), so the 50 ms poll below sees CURRENT move even when the
+    # three publishers start at once on a loaded machine.
+    procs = [_start(tmp_path, root, 4, slow=0.2) for _ in range(3)]
+    procs.append(_start(tmp_path, root, 1, slow=4.0))  # older id, in flight the whole time
     seen: list[str] = []
     killed = False
     while any(p.poll() is None for p in procs[:3]) or procs[3].poll() is None:
