@@ -12,7 +12,7 @@ semantic text tower against their fusion, on test products only.
    jobs/build_index.py (BM25 per shard, no tower of its own).
 3. Searched in process with the service's own functions: query.ShardIndex.search (vectors) and
    .text_search (BM25), query.widening_search + query.results (one result per product),
-   query.fuse (the tuned weighted RRF, depth serving._fusion_width), texttower.compose
+   query.fuse (the tuned weighted RRF, depth ingress_state.fusion_width), texttower.compose
    (the photo's vector moved toward the words') and, for POST /search?q=, the photo's ranking
    among the products matching the words (`words`: a filters.Filter words filter) fused first
    (query.words_weight); `fused` is the fusion without it, `hybrid` what the service answers.
@@ -52,7 +52,7 @@ from visual_search import (  # noqa: E402
     tuning,
     versions,
 )
-from visual_search.serving import _fusion_width  # noqa: E402
+from visual_search.ingress_state import fusion_width  # noqa: E402
 
 K = 10
 LABELS = ("category", "colour", "gender", "master", "sub", "source")
@@ -85,7 +85,7 @@ class Gallery:
 
 def rankings(gallery: Gallery, tower, q: str, photo: np.ndarray | None, record: dict) -> dict:
     """Each ranking of one query and its fusion (as GET / POST /search?q= fuse them)."""
-    width = _fusion_width(K)
+    width = fusion_width(K)
     words = tower.encode([q])
     out = {"bm25": gallery.text(q, width)}
     if photo is None:
