@@ -13,6 +13,7 @@ from faiss.contrib.datasets import SyntheticDataset
 from faiss.contrib.evaluation import check_ref_knn_with_draws
 
 from visual_search import index as vi
+from visual_search import storage
 
 METRIC_TYPES = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 D = 32
@@ -379,7 +380,7 @@ def test_write_read_roundtrip(tmp_path, ivf_bytes, ds):
     digest, size = vi.write_index(index, uri)
     with open(uri, "rb") as f:
         data = f.read()
-    assert digest == hashlib.sha256(data).hexdigest() == vi.sha256_file(uri)
+    assert digest == hashlib.sha256(data).hexdigest() == storage.sha256_file(uri)
     assert size == len(data) == os.path.getsize(uri)
     assert os.listdir(tmp_path / "shards") == ["shard-0.faiss"]  # no temp file left behind
     assert data == vi.to_bytes(index)

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from visual_search import storage, updates, versions
+from visual_search import conditional, storage, updates, versions
 
 # A publisher as a build does it: a new version's files, manifest last, CURRENT, prune.
 PUBLISHER = textwrap.dedent(
@@ -173,10 +173,10 @@ def test_rollback_refuses_a_version_whose_updates_are_retired(root, capsys):
 
 def test_swap_is_compare_and_swap(root):
     uri = storage.join(root, "CAS")
-    assert storage.swap(uri, None, b"a")
-    assert not storage.swap(uri, None, b"b")  # exists already
-    assert not storage.swap(uri, b"stale", b"b")
-    assert storage.swap(uri, b"a", b"b")
+    assert conditional.swap(uri, None, b"a")
+    assert not conditional.swap(uri, None, b"b")  # exists already
+    assert not conditional.swap(uri, b"stale", b"b")
+    assert conditional.swap(uri, b"a", b"b")
     assert storage.read_bytes(uri) == b"b"
 
 

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from visual_search import storage, updates
+from visual_search import conditional, storage, updates
 from visual_search.updates import DELETE, UPSERT, Overlay, Position, Update, Writer
 
 DIM = 4
@@ -26,8 +26,8 @@ def upsert(pid: str, x: float = 1.0, model: str = "m") -> Update:
 
 def test_create_exclusive_has_one_winner(root):
     uri = storage.join(root, "x.bin")
-    assert storage.create_exclusive(uri, b"first")
-    assert not storage.create_exclusive(uri, b"second")
+    assert conditional.create_exclusive(uri, b"first")
+    assert not conditional.create_exclusive(uri, b"second")
     assert storage.read_bytes(uri) == b"first"
 
 

@@ -68,14 +68,6 @@ def doc_texts(docs: pa.Table, columns: list[str]) -> list[str]:
     return pc.binary_join_element_wise(*parts, " ").to_pylist()
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class TextIndex:
     """BM25 over one shard's docs rows; `search` answers (scores, ids) like a FAISS shard."""
 
@@ -187,7 +179,7 @@ class TextIndex:
                 path = os.path.join(tmp, name)
                 with storage.staged_file(storage.join(uri, name)) as staged:
                     shutil.copyfile(path, staged)
-                files[name] = {"sha256": _sha256(path), "size": os.path.getsize(path)}
+                files[name] = {"sha256": storage.sha256_file(path), "size": os.path.getsize(path)}
         meta = {"format": FORMAT, "columns": self.columns, "k1": K1, "b": B, "files": files}
         meta["empty"] = self._bm25 is None
         storage.write_json(storage.join(uri, META_FILE), meta)
@@ -207,7 +199,7 @@ class TextIndex:
         folder = _local_folder(uri, list(meta["files"]))
         if verify:
             for name, rec in meta["files"].items():
-                if _sha256(os.path.join(folder, name)) != rec["sha256"]:
+                if storage.sha256_file(os.path.join(folder, name)) != rec["sha256"]:
                     raise ValueError(f"{storage.join(uri, name)}: sha256 mismatch")
         ids = np.load(os.path.join(folder, IDS_FILE))
         bm25 = None

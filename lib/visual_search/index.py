@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 
@@ -228,19 +227,11 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int, exclude=None) -> f
     return total / max(len(found), 1)
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_index(index: faiss.Index, uri: str) -> tuple[str, int]:
     """Write as a CPU index file, atomically; returns (sha256, bytes)."""
     with storage.staged_file(uri) as path:
         faiss.write_index(index, path)
-        digest, size = sha256_file(path), os.path.getsize(path)
+        digest, size = storage.sha256_file(path), os.path.getsize(path)
     return digest, size
 
 
@@ -248,7 +239,7 @@ def read_index(uri: str, sha256: str | None = None, mmap: bool = True) -> faiss.
     """Open an index file (a local copy for remote URIs), checking its sha256 when given."""
     path = storage.local_copy(uri)
     if sha256 is not None:
-        actual = sha256_file(path)
+        actual = storage.sha256_file(path)
         if actual != sha256:
             raise ValueError(f"{uri}: sha256 {actual} does not match the manifest's {sha256}")
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0

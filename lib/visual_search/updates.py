@@ -3,7 +3,7 @@
 
 The log is a chain of immutable segments `updates/segments/{n:012d}.parquet`, n = 1, 2, ...
 Segment n holds the updates with seqs `first..last`, where `first` is segment n-1's `last` + 1.
-A writer creates segment n only if it does not exist yet (storage.create_exclusive), having read
+A writer creates segment n only if it does not exist yet (conditional.create_exclusive), having read
 segment n-1: any number of writers (ingress replicas, the stream job) share one log, and a writer
 that loses a race reads the winner's segment and tries n+1. No seq is given twice or skipped.
 Readers follow the chain by name (is segment n+1 there?), with no listing.
@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from visual_search import schema, storage
+from visual_search import conditional, schema, storage
 
 log = logging.getLogger("visual_search.updates")
 
@@ -253,7 +253,7 @@ class Writer:
         while True:
             n, first = self.position.segment + 1, self.position.seq + 1
             data = _encode(updates, first, self.dim)
-            if storage.create_exclusive(segment_uri(self.index_root, n), data):
+            if conditional.create_exclusive(segment_uri(self.index_root, n), data):
                 self.position = Position(first + len(updates) - 1, n)
                 return [dataclasses.replace(u, seq=first + i) for i, u in enumerate(updates)]
             self.position = tail(self.index_root, self.position)  # another writer won n

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import faiss
 import pyarrow as pa
 
-from visual_search import fulltext, index, storage, updates
+from visual_search import conditional, fulltext, index, storage, updates
 from visual_search.manifest import IndexManifest
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def _move_current(index_root: str, version: str, refuse, rollback: bool = False)
         live = _parse(uri, raw)
         refuse(live)
         _record(index_root, live, version, rollback)
-        if storage.swap(uri, raw, (version + "\n").encode()):
+        if conditional.swap(uri, raw, (version + "\n").encode()):
             return live
 
 
