@@ -348,7 +348,7 @@ def publish(cfg: Config, root: str, manifest: IndexManifest) -> None:
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of the build itself (jobs/reindex.py shares them; it makes the embeddings)."""
-    p.add_argument("--index-root", required=True, help="index root URI (versions/, CURRENT)")
+    cli.add_index_root(p)
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--factory", default="auto", help="FAISS factory string, or auto")
     p.add_argument("--memory-budget", type=int, default=Config.memory_budget, help="bytes")
@@ -378,9 +378,8 @@ def config_from_args(args: argparse.Namespace, embeddings_uri: str | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return cli.exit_code("build_index", lambda: run(config_from_args(args)), (BuildError,))
+    cfg = config_from_args(build_parser().parse_args(argv))
+    return cli.exit_code("build_index", lambda: run(cfg), (BuildError,), log=True)
 
 
 if __name__ == "__main__":

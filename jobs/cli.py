@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 from collections.abc import Callable
 
@@ -37,8 +38,18 @@ def config(cls: type, args: argparse.Namespace, **overrides):
     return cls(**{**values, **overrides})
 
 
-def exit_code(name: str, work: Callable[[], object], errors: tuple = ()) -> int:
-    """Run work(); 0, or 2 with `[name] error: ...` on stderr for the expected errors."""
+INDEX_ROOT_HELP = "index root URI (versions/, CURRENT)"
+
+
+def add_index_root(p: argparse.ArgumentParser, help: str = INDEX_ROOT_HELP) -> None:
+    p.add_argument("--index-root", required=True, help=help)
+
+
+def exit_code(name: str, work: Callable[[], object], errors: tuple = (), log: bool = False) -> int:
+    """Run work(); 0, or 2 with `[name] error: ...` on stderr for the expected errors. `log`:
+    send INFO logging to stderr first (the jobs that report progress through logging)."""
+    if log:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         work()
     except (*errors, *COMMON_ERRORS) as exc:

@@ -253,25 +253,22 @@ def run(cfg: Config) -> IndexManifest | None:
     return manifest
 
 
+MIN_UPDATES_HELP = "compact only once the log holds this many updates after the live version"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
-    p.add_argument("--index-root", required=True, help="index root URI (versions/, CURRENT)")
+    cli.add_index_root(p)
     p.add_argument("--keep", type=int, default=Config.keep, help="complete versions kept")
-    p.add_argument(
-        "--min-updates",
-        type=int,
-        default=Config.min_updates,
-        help="compact only once the log holds at least this many updates after the live version",
-    )
+    p.add_argument("--min-updates", type=int, default=Config.min_updates, help=MIN_UPDATES_HELP)
     cli.add_s3_endpoint(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     errors = (CompactError, build_index.BuildError, updates.LogError)
-    return cli.exit_code("compact", lambda: run(cli.config(Config, args)), errors)
+    return cli.exit_code("compact", lambda: run(cli.config(Config, args)), errors, log=True)
 
 
 if __name__ == "__main__":

@@ -297,7 +297,7 @@ def run(cfg: Config, curve: list[dict] | None = None) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
-    p.add_argument("--index-root", required=True, help="index root URI (versions/, CURRENT)")
+    cli.add_index_root(p)
     p.add_argument("--version", help="version to dedup (default: the one CURRENT names)")
     p.add_argument("--out", help="output folder (default: {index_root}/dedup/{version})")
     p.add_argument(

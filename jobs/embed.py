@@ -455,24 +455,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, out: str | None = None) -> Config:
     """Config from this job's arguments, or from jobs/reindex.py's subset (the rest default)."""
-    given = vars(args)
-    names = ("threads_per_actor", "partition_size", "device", "overwrite")
-    extra = {k: given[k] for k in names if given.get(k) is not None}
-    if "max_bytes" in given:
-        extra["limits"] = images.Limits(args.max_bytes, args.max_pixels, args.min_side)
-    return Config(
-        catalog=args.catalog,
-        out=out or args.out,
-        model=args.model,
-        weights=args.weights,
-        preprocess=args.preprocess,
-        head=args.head,
-        batch_size=args.batch_size,
-        concurrency=args.concurrency,
-        gpus=args.gpus,
-        s3_endpoint=args.s3_endpoint,
-        **extra,
-    )
+    overrides = {"out": out} if out else {}
+    if "max_bytes" in vars(args):
+        overrides["limits"] = images.Limits(args.max_bytes, args.max_pixels, args.min_side)
+    return cli.config(Config, args, **overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -493,8 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return cli.exit_code("embed", lambda: run(config_from_args(args)), (JobError,))
+    return cli.exit_code("embed", lambda: run(config_from_args(args)), (JobError,), log=True)
 
 
 if __name__ == "__main__":

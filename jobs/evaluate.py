@@ -65,7 +65,7 @@ def _ks(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
-    p.add_argument("--index-root", required=True, help="index root URI (versions/, CURRENT)")
+    cli.add_index_root(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--queries", help="queries table URI (image_uri, product_id and/or category)")
     src.add_argument(

@@ -47,15 +47,17 @@ BACKGROUNDS = ("solid", "gradient", "noise")
 # A re-photographed product is mostly in frame: each side keeps 75-95% of the catalog shot.
 CROP = (0.75, 0.95)
 MAX_ROTATE = 15.0
+
+
+class QueryGenError(ValueError):
+    """No query set can be made from this input."""
+
+
 # name -> (crop share range, largest rotation, background replaced, JPEG quality range [lo, hi))
 PROFILES = {
     "query": (CROP, MAX_ROTATE, True, (50, 91)),
     "shopper": ((0.7, 0.9), 10.0, False, (40, 41)),
 }
-
-
-class QueryGenError(ValueError):
-    """No query set can be made from this input."""
 
 
 @dataclass(frozen=True)

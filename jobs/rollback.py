@@ -20,7 +20,7 @@ from visual_search import storage, updates, versions
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser(__doc__)
-    p.add_argument("--index-root", required=True, help="where the versions and CURRENT are")
+    cli.add_index_root(p)
     p.add_argument("--to", required=True, metavar="VERSION", help="the version to make CURRENT")
     cli.add_s3_endpoint(p)
     args = p.parse_args(argv)

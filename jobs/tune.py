@@ -346,7 +346,7 @@ def _finetune(cfg: Config, ds, data, base: dict, started: float) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     p.add_argument("--embeddings", required=True, help="backbone embeddings dataset URI")
-    p.add_argument("--index-root", required=True, help="the head goes to {index-root}/models/")
+    cli.add_index_root(p, "the head goes to {index-root}/models/")
     p.add_argument("--out", required=True, help="tuned embeddings dataset URI")
     p.add_argument("--work", help="held-out queries and vectors (default: {out}-work)")
     p.add_argument("--labels", default=Config.labels, help="label column")

@@ -29,6 +29,7 @@ from synthetic import clustered_vectors, write_embeddings_dataset
 
 from jobs import build_index, stream
 from visual_search import embedders, images, pipeline, updates
+from visual_search import feed as feeds
 from visual_search.manifest import EmbeddingsManifest
 from visual_search.updates import Position
 
@@ -174,7 +175,7 @@ def test_a_crash_inside_a_commit_writes_nothing_twice(root, feed, monkeypatch, c
     """Deletes and malformed rows only: no embedding, so each step of a commit is cheap."""
     rows = [f"delete,p{i:05d},,," if i % 3 else f"delete,p{i:05d}" for i in range(1, 10)]
     land(feed, "0001.csv", HEADER + "\n".join(rows) + "\n")
-    target = (updates.Writer, "append") if crash == "after_errors" else (stream.FeedState, "save")
+    target = (updates.Writer, "append") if crash == "after_errors" else (feeds.FeedState, "save")
     real, calls = getattr(*target), []
 
     def fails_second_time(self, *args):
@@ -277,8 +278,8 @@ def test_kill_9_mid_way_then_once_writes_every_row_once(root, feed, tmp_path):
     ],
 )
 def test_checkpoint_ranges_round_trip(rows, expected):
-    assert stream._ranges(rows) == expected
-    assert stream._expand(expected) == rows
+    assert feeds._ranges(rows) == expected
+    assert feeds._expand(expected) == rows
 
 
 @pytest.mark.parametrize(
@@ -292,7 +293,7 @@ def test_checkpoint_ranges_round_trip(rows, expected):
     ],
 )
 def test_parse_source(source, expected):
-    assert stream.parse_source(source) == expected
+    assert feeds.parse_source(source) == expected
 
 
 HUGE_FIELD = b'"' + b"a" * 200_000 + b'"'
@@ -318,5 +319,5 @@ HUGE_FIELD = b'"' + b"a" * 200_000 + b'"'
     ],
 )
 def test_parse_file_turns_what_it_cannot_read_into_error_rows(data, expected):
-    rows = stream.parse_file("f.csv", "/feed/f.csv", data)
+    rows = feeds.parse_file("f.csv", "/feed/f.csv", data)
     assert [(r.row, r.error) for r in rows] == expected
