@@ -114,92 +114,116 @@ def _tune(cfg: Config, grid: list[dict], filled: list[dict], query_ids: np.ndarr
     )
 
 
-def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> IndexManifest:
-    """Build and publish one version; returns its manifest.
-
-    `gate`, when given, sees the complete, verified version before CURRENT moves and raises
-    GateError to refuse it (the version folder stays for inspection, CURRENT does not move).
-    """
-    import ray
-
-    started = time.time()
-    if cfg.s3_endpoint:
-        storage.configure(cfg.s3_endpoint)
+def _check(cfg: Config, n: int) -> None:
     if cfg.shards < 1:
         raise ValueError("--shards must be >= 1")
     if cfg.keep < 1:
         raise ValueError("--keep must be >= 1")
-    dataset = embeddings.open_dataset(cfg.embeddings)
-    through = cfg.updates_through or log_snapshot(cfg.index_root)
-    n, d = dataset.count, dataset.dim
     if n < cfg.shards:
         raise BuildError(f"{n} vectors cannot fill {cfg.shards} shards")
     if cfg.template and cfg.factory == "auto":
         raise BuildError("a reused --template needs the factory it was made with (--factory)")
-    factory = (
-        index.choose_factory(n, d, cfg.memory_budget) if cfg.factory == "auto" else cfg.factory
-    )
-    grid = index.param_grid(index.make_template(factory, d, cfg.metric))
-    query_ids, train_ids = _sample(n, cfg, factory)
-    _, queries = dataset.read_ids(query_ids)
-    version = versions.new_version_id()
-    root = versions.version_root(cfg.index_root, version)
-    _say(f"{n:,} vectors of dimension {d} -> {factory} in {cfg.shards} shard(s), version {version}")
 
-    cluster.init()
-    env = cluster.runtime_env()
-    gpus = 1 if devices.cluster_gpus(cfg.gpus) > 0 else 0
-    t0 = time.monotonic()
+
+def _train(cfg: Config, dataset, factory: str, train_ids: np.ndarray, root: str, env: dict):
+    """The trained template: reused (--template) or trained on a Ray task (a GPU when there
+    is one); (its object ref, its search-parameter grid, its manifest record)."""
+    import ray
+
+    d = dataset.dim
     if cfg.template:
         trained = storage.read_bytes(cfg.template)
         grid = index.param_grid(_checked_template(trained, d, cfg.metric, cfg.template))
         _say(f"reusing the trained template {cfg.template} ({factory})")
     else:
+        gpus = 1 if devices.cluster_gpus(cfg.gpus) > 0 else 0
         train = ray.remote(train_template).options(num_gpus=gpus, runtime_env=env)
         trained = ray.get(train.remote(dataset, factory, cfg.metric, train_ids, None))
-    template = ray.put(trained)
-    template_record = _write_template(root, trained)
+        grid = index.param_grid(index.make_template(factory, d, cfg.metric))
+    return ray.put(trained), grid, _write_template(root, trained)
+
+
+def _fill(cfg: Config, dataset, template, root: str, queries, grid, env: dict) -> list[dict]:
+    """Every shard filled from its contiguous id range, written, and searched for `queries`
+    at every point of `grid` (Ray tasks, one per shard)."""
+    import ray
+
+    bounds = np.linspace(0, dataset.count, cfg.shards + 1).astype(np.int64)
+    fill = ray.remote(fill_shard).options(runtime_env=env)
+    args = (root, queries, K + 1, grid, cfg.metric)
+    ranges = [(int(bounds[i]), int(bounds[i + 1])) for i in range(cfg.shards)]
+    return ray.get([fill.remote(dataset, template, i, r, *args) for i, r in enumerate(ranges)])
+
+
+def _verify(cfg: Config, root: str, records, queries, params, truth, query_ids, env) -> float:
+    """Recall@K of the shard files as written (read back, checksums and counts checked)."""
+    import ray
+
+    verify = ray.remote(verify_shard).options(runtime_env=env)
+    answers = ray.get([verify.remote(root, r, queries, K + 1, params) for r in records])
+    found = merge_topk(answers, K + 1, cfg.metric)[1]
+    recall = index.recall_at_k(found, truth, K, exclude=query_ids)
+    if recall < cfg.target_recall:
+        raise RecallError(
+            f"recall@{K} of the files as written is {recall:.4f} < {cfg.target_recall}"
+        )
+    _say(f"verified {cfg.shards} shard file(s): checksums, counts, recall@{K} {recall:.4f}")
+    return recall
+
+
+def _build_shards(cfg: Config, dataset, factory: str, root: str, env: dict) -> dict:
+    """Train (or reuse) the template, fill and write the shards, tune the search parameters on
+    held-out queries and verify the files as written: the manifest's index fields."""
+    query_ids, train_ids = _sample(dataset.count, cfg, factory)
+    _, queries = dataset.read_ids(query_ids)
+    t0 = time.monotonic()
+    template, grid, template_record = _train(cfg, dataset, factory, train_ids, root, env)
     t_train = time.monotonic() - t0
     if not cfg.template:
         _say(f"template trained on {len(train_ids):,} vectors in {t_train:.1f}s")
-
-    bounds = np.linspace(0, n, cfg.shards + 1).astype(np.int64)
-    fill = ray.remote(fill_shard).options(runtime_env=env)
-    filled = ray.get(
-        [
-            fill.remote(
-                dataset,
-                template,
-                i,
-                (int(bounds[i]), int(bounds[i + 1])),
-                root,
-                queries,
-                K + 1,
-                grid,
-                cfg.metric,
-            )
-            for i in range(cfg.shards)
-        ]
-    )
+    filled = _fill(cfg, dataset, template, root, queries, grid, env)
     t_fill = time.monotonic() - t0 - t_train
     records = [f["record"] for f in filled]
     _say(f"{cfg.shards} shard(s) filled and written in {t_fill:.1f}s")
 
     params, recall, truth, curve = _tune(cfg, grid, filled, query_ids)
     _say(f"search params {params}: recall@{K} {recall:.4f} (target {cfg.target_recall})")
+    recall = _verify(cfg, root, records, queries, params, truth, query_ids, env)
+    timings = {"train_s": round(t_train, 2), "fill_s": round(t_fill, 2)}
+    return {
+        "search_params": params,
+        "shards": records,
+        "recall": _recall_record(cfg, recall, len(query_ids), curve),
+        "template": template_record,
+        "timings": {**timings, "train_vectors": len(train_ids)},
+    }
 
-    verify = ray.remote(verify_shard).options(runtime_env=env)
-    answers = ray.get([verify.remote(root, r, queries, K + 1, params) for r in records])
-    found = merge_topk(answers, K + 1, cfg.metric)[1]
-    recall_written = index.recall_at_k(found, truth, K, exclude=query_ids)
-    if recall_written < cfg.target_recall:
-        raise RecallError(
-            f"recall@{K} of the files as written is {recall_written:.4f} < {cfg.target_recall}"
-        )
-    _say(f"verified {cfg.shards} shard file(s): checksums, counts, recall@{K} {recall_written:.4f}")
+
+def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> IndexManifest:
+    """Build and publish one version; returns its manifest.
+
+    `gate`, when given, sees the complete, verified version before CURRENT moves and raises
+    GateError to refuse it (the version folder stays for inspection, CURRENT does not move).
+    """
+    started = time.time()
+    if cfg.s3_endpoint:
+        storage.configure(cfg.s3_endpoint)
+    dataset = embeddings.open_dataset(cfg.embeddings)
+    through = cfg.updates_through or log_snapshot(cfg.index_root)
+    n, d = dataset.count, dataset.dim
+    _check(cfg, n)
+    auto = cfg.factory == "auto"
+    factory = index.choose_factory(n, d, cfg.memory_budget) if auto else cfg.factory
+    version = versions.new_version_id()
+    root = versions.version_root(cfg.index_root, version)
+    _say(f"{n:,} vectors of dimension {d} -> {factory} in {cfg.shards} shard(s), version {version}")
+
+    cluster.init()
+    env = cluster.runtime_env()
+    built = _build_shards(cfg, dataset, factory, root, env)
+    records = built["shards"]
     filterable, text, t_text = _docs_indexes(cfg, root, records, env)
     tower = _text_tower(cfg, root, dataset, text)
-
     manifest = IndexManifest(
         version=version,
         created_unix=time.time(),
@@ -207,35 +231,36 @@ def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> Ind
         dim=d,
         metric=cfg.metric,
         factory=factory,
-        search_params=params,
-        shards=records,
         count=n,
-        recall={
-            f"recall_at_{K}": round(recall_written, 4),
-            "target": cfg.target_recall,
-            "queries": len(query_ids),
-            "method": "held-out dataset vectors, own id excluded, vs exact search",
-            "curve": [{"params": p, "recall": round(r, 4)} for p, r in curve],
-        },
         embeddings={
             "uri": dataset.uri,
             "catalog_fingerprint": dataset.manifest.catalog.get("fingerprint"),
             "counts": dataset.manifest.counts,
         },
-        timings={
-            "train_s": round(t_train, 2),
-            "fill_s": round(t_fill, 2),
-            "text_s": round(t_text, 2),
-            "total_s": round(time.time() - started, 2),
-            "train_vectors": len(train_ids),
-            "bytes": sum(r.bytes for r in records),
-        },
         filterable=filterable,
         text=text,
         text_tower=tower,
-        template=template_record,
         updates_through=through,
+        **built,
     )
+    manifest.timings.update(text_s=round(t_text, 2), total_s=round(time.time() - started, 2))
+    manifest.timings["bytes"] = sum(r.bytes for r in records)
+    _complete(cfg, root, manifest, gate)
+    return manifest
+
+
+def _recall_record(cfg: Config, recall: float, queries: int, curve: list) -> dict:
+    return {
+        f"recall_at_{K}": round(recall, 4),
+        "target": cfg.target_recall,
+        "queries": queries,
+        "method": "held-out dataset vectors, own id excluded, vs exact search",
+        "curve": [{"params": p, "recall": round(r, 4)} for p, r in curve],
+    }
+
+
+def _complete(cfg: Config, root: str, manifest: IndexManifest, gate) -> None:
+    """Write the manifest (the version is complete), pass the gate, move CURRENT."""
     pending = storage.join(root, versions.PENDING)
     if gate is not None:  # a crash while the gate runs must not leave a complete version
         storage.write_bytes(pending, b"")
@@ -248,7 +273,6 @@ def run(cfg: Config, gate: Callable[[IndexManifest], None] | None = None) -> Ind
             raise
         storage.delete(pending)
     publish(cfg, root, manifest)
-    return manifest
 
 
 TEMPLATE_FILE = "template.faiss"
@@ -359,7 +383,10 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=int, help=devices.GPUS_HELP)
     p.add_argument("--no-text", dest="text", action="store_false", help="no BM25 text indexes")
     p.add_argument(
-        "--no-text-tower", dest="text_tower", action="store_false", help="no semantic text tower"
+        "--no-text-tower",
+        dest="text_tower",
+        action="store_false",
+        help="no semantic text tower",
     )
     cli.add_s3_endpoint(p)
 

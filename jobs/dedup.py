@@ -223,16 +223,33 @@ def _outputs(cfg, version, docs, groups, summary, pair_rows, curve=None) -> None
     _say(f"wrote {out}: {summary['groups']} groups, {summary['grouped_products']} products")
 
 
+def _check(cfg: Config) -> None:
+    if cfg.k < 1 or cfg.mutual_k < 1:
+        raise ValueError("--k and --mutual-k must be >= 1")
+    if not (0 < cfg.threshold <= 1 and -1 <= cfg.embedding_threshold <= 1):
+        raise ValueError("--threshold must be in (0, 1], --embedding-threshold in [-1, 1]")
+
+
+def _pair_rows(pairs: dict, names: list[str]) -> pa.Table:
+    return pa.table(
+        {
+            "product_a": pa.array([names[i] for i in pairs["a"].tolist()], pa.string()),
+            "product_b": pa.array([names[i] for i in pairs["b"].tolist()], pa.string()),
+            "score": pa.array(pairs["score"], pa.float32()),
+            "uri_a": pa.array(pairs["uri_a"].tolist(), pa.string()),
+            "uri_b": pa.array(pairs["uri_b"].tolist(), pa.string()),
+            "copy_score": pa.array(pairs["copy"], pa.float32()),
+        }
+    )
+
+
 def run(cfg: Config, curve: list[dict] | None = None) -> dict:
     """Dedup one version (cfg.version or CURRENT's); returns the manifest written last.
     `curve`: a calibration precision/recall curve to show in the report (bench/dedup.py)."""
     started = time.time()
     if cfg.s3_endpoint:
         storage.configure(cfg.s3_endpoint)
-    if cfg.k < 1 or cfg.mutual_k < 1:
-        raise ValueError("--k and --mutual-k must be >= 1")
-    if not (0 < cfg.threshold <= 1 and -1 <= cfg.embedding_threshold <= 1):
-        raise ValueError("--threshold must be in (0, 1], --embedding-threshold in [-1, 1]")
+    _check(cfg)
     version = _open(cfg)
     docs = query.Docs.load(version).table
     pid_col = docs["product_id"].combine_chunks()
@@ -255,16 +272,6 @@ def run(cfg: Config, curve: list[dict] | None = None) -> dict:
     t_verify = time.monotonic() - t0 - t_cand
     edges, groups = group_pairs(pairs, names, cfg.threshold, cfg.mutual_k)
     t_group = time.monotonic() - t0 - t_cand - t_verify
-    pair_rows = pa.table(
-        {
-            "product_a": pa.array([names[i] for i in pairs["a"].tolist()], pa.string()),
-            "product_b": pa.array([names[i] for i in pairs["b"].tolist()], pa.string()),
-            "score": pa.array(pairs["score"], pa.float32()),
-            "uri_a": pa.array(pairs["uri_a"].tolist(), pa.string()),
-            "uri_b": pa.array(pairs["uri_b"].tolist(), pa.string()),
-            "copy_score": pa.array(pairs["copy"], pa.float32()),
-        }
-    )
     summary = {
         "version": version.manifest.version,
         "model_id": version.manifest.model.get("model_id"),
@@ -291,7 +298,7 @@ def run(cfg: Config, curve: list[dict] | None = None) -> dict:
             "total_s": round(time.time() - started, 2),
         },
     }
-    _outputs(cfg, version, docs, groups, summary, pair_rows, curve)
+    _outputs(cfg, version, docs, groups, summary, _pair_rows(pairs, names), curve)
     return summary
 
 

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import math
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from jobs import cli
 from visual_search import (
@@ -29,16 +26,12 @@ from visual_search import (
     cluster,
     devices,
     embedders,
-    embeddings,
     images,
-    schema,
+    partitions,
     storage,
 )
-from visual_search.manifest import EmbeddingsManifest, FileRecord
+from visual_search.manifest import EmbeddingsManifest
 from visual_search.pipeline import EmbedBatch, decode_and_embed
-
-log = logging.getLogger("visual_search.embed")
-SUBDIRS = ("embeddings", "errors")
 
 
 @dataclass(frozen=True)
@@ -68,10 +61,6 @@ class Config:
 
 class JobError(RuntimeError):
     """The job cannot start or its output would be inconsistent."""
-
-
-def _part_name(i: int) -> str:
-    return f"part-{i:05d}.parquet"
 
 
 def _plan(cfg: Config, cat: catalog.Catalog) -> dict:
@@ -114,17 +103,6 @@ def _prepare_out(cfg: Config, plan: dict) -> None:
         storage.write_json(plan_uri, plan)
 
 
-def _finished_partitions(out: str, n_parts: int) -> set[int]:
-    def names(sub: str) -> set[str]:
-        uri = storage.join(out, sub)
-        if not storage.exists(uri):
-            return set()
-        return {e.uri.rpartition("/")[2] for e in storage.list_files(uri, suffixes=(".parquet",))}
-
-    both = names("embeddings") & names("errors")
-    return {i for i in range(n_parts) if _part_name(i) in both}
-
-
 class _Progress:
     """Console progress lines, and the steady-state rate measured over the middle of the run."""
 
@@ -156,68 +134,6 @@ class _Progress:
         if lo is None or hi is None or hi[0] <= lo[0]:
             return None
         return (hi[1] - lo[1]) / (hi[0] - lo[0])
-
-
-class _PartitionWriter:
-    """Collects streamed rows by partition and writes each partition once it is complete."""
-
-    def __init__(self, cfg: Config, cat: catalog.Catalog):
-        self.cfg, self.cat = cfg, cat
-        self.pending: dict[int, list[pa.Table]] = {}
-        self.seen: dict[int, int] = {}
-        self.records: dict[int, tuple[int, int]] = {}
-
-    def _expected(self, part: int) -> int:
-        start = part * self.cfg.partition_size
-        return min(self.cfg.partition_size, self.cat.num_rows - start)
-
-    def add(self, batch: pa.Table) -> None:
-        parts = pc.divide(batch["row"], self.cfg.partition_size).to_numpy()
-        for part in sorted(set(parts.tolist())):
-            piece = batch.filter(pa.array(parts == part))
-            self.pending.setdefault(part, []).append(piece)
-            self.seen[part] = self.seen.get(part, 0) + piece.num_rows
-            if self.seen[part] > self._expected(part):
-                raise JobError(f"partition {part}: more rows than the catalog has (duplicates)")
-            if self.seen[part] == self._expected(part):
-                self._write(part, pa.concat_tables(self.pending.pop(part)))
-
-    def _write(self, part: int, rows: pa.Table) -> None:
-        rows = rows.sort_by("row")
-        start = part * self.cfg.partition_size
-        expected = pa.array(range(start, start + self._expected(part)), pa.int64())
-        if not rows["row"].combine_chunks().equals(expected):
-            raise JobError(f"partition {part}: rows do not match the catalog's rows")
-        meta = self.cat.table.take(rows["row"])
-        self.records[part] = write_partition(
-            self.cfg.out, part, meta, rows["embedding"], rows["error"], rows["detail"]
-        )
-
-
-def write_partition(
-    out: str, part: int, meta: pa.Table, embedding: pa.Array, error: pa.Array, detail: pa.Array
-) -> tuple[int, int]:
-    """Write partition `part`: the catalog rows `meta` whose `embedding` is valid go to
-    embeddings/, the others with their `error` and `detail` to errors/; (embedded, errors)."""
-    if isinstance(embedding, pa.ChunkedArray):
-        embedding = embedding.combine_chunks()
-    ok = pc.is_valid(embedding)
-    field = pa.field("embedding", schema.embedding_type(embedding.type.list_size))
-    good = meta.filter(ok).append_column(field, embedding.filter(ok))
-    bad = pc.invert(ok)
-    errors = pa.table(
-        [
-            meta["product_id"].filter(bad),
-            meta["image_uri"].filter(bad),
-            error.filter(bad),
-            detail.filter(bad),
-        ],
-        schema=schema.ERRORS_SCHEMA,
-    )
-    # Errors first: a partition counts as finished only when both files exist.
-    storage.write_parquet(storage.join(out, "errors", _part_name(part)), errors)
-    storage.write_parquet(storage.join(out, "embeddings", _part_name(part)), good)
-    return good.num_rows, errors.num_rows
 
 
 def _stream(cfg: Config, cat: catalog.Catalog, todo_rows: pa.Array, dim: int):
@@ -259,73 +175,53 @@ def _pipeline(cfg: Config, blocks: list[pa.Table], concurrency: int, gpus: float
         "limits": cfg.limits,
         "batch_size": cfg.decode_batch_size,
     }
-    model = (cfg.model, cfg.weights, cfg.random_weights, cfg.preprocess, cfg.device, threads)
-    embed = {"cls": EmbedBatch, "args": (*model, cfg.head), "batch_size": cfg.batch_size}
+    model = (
+        cfg.model,
+        cfg.weights,
+        cfg.random_weights,
+        cfg.preprocess,
+        cfg.device,
+        threads,
+    )
+    embed = {
+        "cls": EmbedBatch,
+        "args": (*model, cfg.head),
+        "batch_size": cfg.batch_size,
+    }
     ds = decode_and_embed(ds, decode, embed, gpus, concurrency)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
-
-
-def _errors_by_code(out: str, names: list[str]) -> dict[str, int]:
-    counts: Counter[str] = Counter()
-    for name in names:
-        col = storage.read_parquet(storage.join(out, "errors", name), columns=["error"])["error"]
-        counts.update(col.to_pylist())
-    return dict(sorted(counts.items()))
 
 
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 2)
 
 
-def _part_rows(out: str, name: str) -> tuple[int, int]:
-    """(embedded, errors) of a partition a previous run finished."""
-    return tuple(storage.parquet_num_rows(storage.join(out, sub, name)) for sub in SUBDIRS)
-
-
-def _write_manifest(
-    out: str,
-    model: dict,
+def _embed_partitions(
+    cfg: Config,
     cat: catalog.Catalog,
-    fingerprint: str,
-    partition_size: int,
-    records: list[tuple[int, int]],
-    timings: dict,
-    counts: dict | None = None,
-) -> EmbeddingsManifest:
-    """Check the counts of the written partitions against the catalog, then the manifest, last."""
-    names = [_part_name(i) for i in range(len(records))]
-    embedded = sum(r[0] for r in records)
-    n_errors = sum(r[1] for r in records)
-    if embedded + n_errors != cat.num_rows:
-        raise JobError(
-            f"count mismatch: catalog has {cat.num_rows} rows but {embedded} embedded + "
-            f"{n_errors} errors were written; manifest not written"
+    dim: int,
+    todo: list[int],
+    writer: partitions.Writer,
+) -> tuple[float, float | None]:
+    """Stream the rows of the `todo` partitions through the pipeline into `writer`; (seconds
+    taken, steady-state images/s)."""
+    t0 = time.monotonic()
+    progress = _Progress(0, cfg.progress_every_s)
+    if todo:
+        size = cfg.partition_size
+        rows = pa.array(
+            np.concatenate(
+                [np.arange(p * size, min((p + 1) * size, cat.num_rows)) for p in todo]
+            ).astype(np.int64)
         )
-    manifest = EmbeddingsManifest(
-        model=model,
-        catalog={
-            "uri": storage.normalize(cat.uri),
-            "kind": cat.kind,
-            "fingerprint": fingerprint,
-            "rows": cat.num_rows,
-            "metadata_columns": cat.metadata_columns,
-        },
-        counts={
-            "input": cat.num_rows,
-            "embedded": embedded,
-            "errors": n_errors,
-            "errors_by_code": _errors_by_code(out, names),
-            **(counts or {}),
-        },
-        partition_size=partition_size,
-        embeddings=[
-            FileRecord(f"embeddings/{n}", r[0]) for n, r in zip(names, records, strict=True)
-        ],
-        errors=[FileRecord(f"errors/{n}", r[1]) for n, r in zip(names, records, strict=True)],
-        timings=timings,
-    )
-    manifest.write(out)
-    return manifest
+        progress.total = len(rows)
+        for batch in _stream(cfg, cat, rows, dim):
+            writer.add(batch)
+            progress.add(batch.num_rows, batch["embedding"].null_count)
+        if writer.pending or len(writer.records) != len(todo):
+            missing = sorted(set(todo) - set(writer.records))
+            raise JobError(f"stream ended with partitions incomplete: {missing[:10]}")
+    return time.monotonic() - t0, progress.steady_rate()
 
 
 def run(cfg: Config) -> EmbeddingsManifest:
@@ -342,7 +238,7 @@ def run(cfg: Config) -> EmbeddingsManifest:
     plan = _plan(cfg, cat)
     _prepare_out(cfg, plan)
     n_parts = math.ceil(cat.num_rows / cfg.partition_size)
-    done = _finished_partitions(cfg.out, n_parts)
+    done = partitions.finished(cfg.out, n_parts)
     todo = [i for i in range(n_parts) if i not in done]
     print(
         f"[embed] catalog {cfg.catalog}: {cat.num_rows:,} images in {n_parts} partitions; "
@@ -350,36 +246,19 @@ def run(cfg: Config) -> EmbeddingsManifest:
         flush=True,
     )
 
-    writer = _PartitionWriter(cfg, cat)
-    t0 = time.monotonic()
-    progress = _Progress(0, cfg.progress_every_s)
-    if todo:
-        size = cfg.partition_size
-        rows = pa.array(
-            np.concatenate(
-                [np.arange(p * size, min((p + 1) * size, cat.num_rows)) for p in todo]
-            ).astype(np.int64)
-        )
-        progress.total = len(rows)
-        for batch in _stream(cfg, cat, rows, model["dim"]):
-            writer.add(batch)
-            progress.add(batch.num_rows, batch["embedding"].null_count)
-        if writer.pending or len(writer.records) != len(todo):
-            missing = sorted(set(todo) - set(writer.records))
-            raise JobError(f"stream ended with partitions incomplete: {missing[:10]}")
-    seconds = time.monotonic() - t0
+    writer = partitions.Writer(cfg.out, cfg.partition_size, cat)
+    seconds, steady = _embed_partitions(cfg, cat, model["dim"], todo, writer)
     processed = sum(e + r for e, r in writer.records.values())
-
-    records = [writer.records.get(i) or _part_rows(cfg.out, _part_name(i)) for i in range(n_parts)]
+    records = [writer.records.get(i) or partitions.part_rows(cfg.out, i) for i in range(n_parts)]
     timings = {
         "started_unix": started,
         "total_s": round(time.time() - started, 3),
         "pipeline_s": round(seconds, 3),
         "processed_this_run": processed,
         "images_per_s": round(processed / seconds, 2) if processed else None,
-        "steady_images_per_s": _round(progress.steady_rate()),
+        "steady_images_per_s": _round(steady),
     }
-    manifest = _write_manifest(
+    manifest = partitions.write_manifest(
         cfg.out, model, cat, plan["fingerprint"], cfg.partition_size, records, timings
     )
     embedded, n_errors = manifest.counts["embedded"], manifest.counts["errors"]
@@ -391,55 +270,6 @@ def run(cfg: Config) -> EmbeddingsManifest:
         flush=True,
     )
     return manifest
-
-
-def assemble(
-    out: str,
-    cat: catalog.Catalog,
-    model: dict,
-    sources: list[tuple[embeddings.Dataset, np.ndarray]],
-    errors: pa.Table,
-    partition_size: int,
-    counts: dict,
-) -> EmbeddingsManifest:
-    """A complete dataset at `out` of every row of `cat`, laid out as `run` writes it, from
-    vectors already made: `sources` are (dataset, int64 id of each catalog row in it or -1);
-    a row no source has is an error, with its `row`, `error` and `detail` in `errors`."""
-    started = time.time()
-    storage.delete(storage.join(out, "manifest.json"))  # incomplete until the new one is written
-    records = []
-    for part in range(math.ceil(cat.num_rows / partition_size)):
-        lo, hi = part * partition_size, min(cat.num_rows, (part + 1) * partition_size)
-        vectors = np.zeros((hi - lo, model["dim"]), np.float32)
-        found = np.zeros(hi - lo, bool)
-        for ds, ids in sources:
-            sel = np.flatnonzero(ids[lo:hi] >= 0)
-            if len(sel):
-                got, mat = ds.read_ids(ids[lo + sel])
-                vectors[sel] = mat[np.searchsorted(got, ids[lo + sel])]
-                found[sel] = True
-        error, detail = _errors_between(errors, lo, hi)
-        if (~found & pc.is_null(error).to_numpy(zero_copy_only=False)).any():
-            raise JobError(f"partition {part}: rows with neither a vector nor an error")
-        embedding = pa.FixedSizeListArray.from_arrays(
-            schema.embedding_array(vectors).values, model["dim"], mask=pa.array(~found)
-        )
-        meta = cat.table.slice(lo, hi - lo)
-        records.append(write_partition(out, part, meta, embedding, error, detail))
-    timings = {"started_unix": started, "total_s": round(time.time() - started, 3)}
-    return _write_manifest(
-        out, model, cat, cat.fingerprint(), partition_size, records, timings, counts
-    )
-
-
-def _errors_between(errors: pa.Table, lo: int, hi: int) -> tuple[pa.Array, pa.Array]:
-    """(error, detail) of catalog rows [lo, hi): null where `errors` has no row."""
-    rows = errors["row"].to_numpy()
-    inside = np.flatnonzero((rows >= lo) & (rows < hi))
-    out = [np.full(hi - lo, None, object) for _ in range(2)]
-    for values, column in zip(out, ("error", "detail"), strict=True):
-        values[rows[inside] - lo] = errors[column].take(pa.array(inside)).to_pylist()
-    return tuple(pa.array(v, pa.string()) for v in out)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs import build_index, cli, embed, evaluate, tune
-from visual_search import embedders, embeddings, increments, index, storage, versions
+from visual_search import embedders, embeddings, increments, index, partitions, storage, versions
 from visual_search.manifest import IndexManifest
 
 
@@ -285,7 +285,7 @@ def _assemble(cfg: Config, snap: increments.Snapshot, prev: Previous, old: np.nd
             new[increments.catalog_rows(pairs, snap.catalog.table)] = np.arange(delta.count)
             sources.append((delta, new))
     counts = {"reused": int((old >= 0).sum()), "embedded_this_run": len(rows)}
-    embed.assemble(out, snap.catalog, model, sources, errors, cfg.embed.partition_size, counts)
+    partitions.assemble(out, snap.catalog, model, sources, errors, cfg.embed.partition_size, counts)
     dataset = embeddings.open_dataset(out)
     increments.write_keys(dataset, snap)
     return dataset

@@ -127,6 +127,35 @@ def label_precision_at_10(query: np.ndarray, qcodes, gallery: np.ndarray, gcodes
     return float((gcodes[top] == qcodes[:, None]).mean())
 
 
+def _batch_loss(model, batch: dict, config: dict, device) -> tuple:
+    """(loss, rows) of one batch: proxy loss on the labels, the instance term between each
+    re-photographed copy and its catalog photo, and the similarity-preserving term."""
+    import torch
+    from torch import nn
+
+    x, xp = batch["x"].to(device).float(), batch["xp"].to(device).float()
+    y, pid = batch["y"].to(device).long(), batch["pid"].to(device).long()
+    pos = batch["pos"].to(device).bool()
+    z_all, cos_all = model(torch.cat([x, xp]))  # one forward: DDP syncs once
+    z, zp = z_all.chunk(2)
+    y2 = torch.cat([y, y])
+    margin = nn.functional.one_hot(y2, cos_all.shape[1]) * config["margin"]
+    loss = nn.functional.cross_entropy(config["scale"] * (cos_all - margin), y2)
+    if config["instance_weight"] and pos.sum() > 1:
+        # Each copy must find its own catalog photo among the batch's photos.
+        zs, zps, ps = z[pos], zp[pos], pid[pos]
+        logits = zps @ zs.T / config["temperature"]
+        same = (ps[:, None] == ps[None, :]) & ~torch.eye(len(ps), dtype=torch.bool,
+                                                         device=device)  # fmt: skip
+        logits = logits.masked_fill(same, float("-inf"))
+        target = torch.arange(len(ps), device=device)
+        loss = loss + config["instance_weight"] * nn.functional.cross_entropy(logits, target)
+    if config["preserve"]:
+        xn = nn.functional.normalize(x, dim=1)
+        loss = loss + config["preserve"] * ((z @ z.T - xn @ xn.T) ** 2).mean()
+    return loss, len(y)
+
+
 def _train_loop(config: dict) -> None:
     """One Ray Train worker: DDP over the feature shard, proxies per label."""
     import ray.train
@@ -167,32 +196,11 @@ def _train_loop(config: dict) -> None:
             local_shuffle_seed=config["seed"] * 1000 + epoch,  # repeatable reruns
         )
         for batch in batches:
-            x, xp = batch["x"].to(device).float(), batch["xp"].to(device).float()
-            y, pid = batch["y"].to(device).long(), batch["pid"].to(device).long()
-            pos = batch["pos"].to(device).bool()
-            z_all, cos_all = model(torch.cat([x, xp]))  # one forward: DDP syncs once
-            z, zp = z_all.chunk(2)
-            y2 = torch.cat([y, y])
-            margin = nn.functional.one_hot(y2, cos_all.shape[1]) * config["margin"]
-            loss = nn.functional.cross_entropy(config["scale"] * (cos_all - margin), y2)
-            if config["instance_weight"] and pos.sum() > 1:
-                # Each copy must find its own catalog photo among the batch's photos.
-                zs, zps, ps = z[pos], zp[pos], pid[pos]
-                logits = zps @ zs.T / config["temperature"]
-                same = (ps[:, None] == ps[None, :]) & ~torch.eye(len(ps), dtype=torch.bool,
-                                                                 device=device)  # fmt: skip
-                logits = logits.masked_fill(same, float("-inf"))
-                target = torch.arange(len(ps), device=device)
-                loss = loss + config["instance_weight"] * nn.functional.cross_entropy(
-                    logits, target
-                )
-            if config["preserve"]:
-                xn = nn.functional.normalize(x, dim=1)
-                loss = loss + config["preserve"] * ((z @ z.T - xn @ xn.T) ** 2).mean()
+            loss, rows = _batch_loss(model, batch, config, device)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total, n = total + float(loss) * len(y), n + len(y)
+            total, n = total + float(loss) * rows, n + rows
         sched.step()
         metrics = {"epoch": epoch + 1, "loss": total / max(n, 1)}
         last = epoch == config["epochs"] - 1

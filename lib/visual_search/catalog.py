@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -19,8 +18,6 @@ import pyarrow.parquet as pq
 
 from visual_search import storage
 from visual_search.images import SUFFIXES as IMAGE_SUFFIXES
-
-log = logging.getLogger(__name__)
 
 REQUIRED = ("product_id", "image_uri")
 # Columns the embeddings dataset adds; a catalog may not bring its own.

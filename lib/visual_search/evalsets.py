@@ -105,15 +105,7 @@ def table_queries(cfg: Config, version: Version, docs: query.Docs, rerank: bool)
         for lo in range(0, len(uris), cfg.batch_size):
             batch = list(range(lo, min(lo + cfg.batch_size, len(uris))))
             decoded = list(pool.map(lambda j: _decode(uris[j], embedder.preprocess, limits), batch))
-            good = []
-            for j, (pixels, err, ms) in zip(batch, decoded, strict=True):
-                if err is None:
-                    good.append((j, pixels))
-                    decode_ms.append(ms)
-                    continue
-                errors[err[0]] += 1
-                if len(examples) < 10:
-                    examples.append({"image_uri": uris[j], "error": err[0], "detail": err[1]})
+            good = _decoded(batch, decoded, uris, decode_ms, errors, examples)
             if not good:
                 continue
             if rerank:
@@ -144,6 +136,20 @@ def table_queries(cfg: Config, version: Version, docs: query.Docs, rerank: bool)
         has_instance=has_instance,
         has_category=has_category,
     )
+
+
+def _decoded(batch, decoded, uris, decode_ms: list, errors: Counter, examples: list) -> list:
+    """The (index, pixels) that decoded; the others counted in `errors` (10 kept as examples)."""
+    good = []
+    for j, (pixels, err, ms) in zip(batch, decoded, strict=True):
+        if err is None:
+            good.append((j, pixels))
+            decode_ms.append(ms)
+            continue
+        errors[err[0]] += 1
+        if len(examples) < 10:
+            examples.append({"image_uri": uris[j], "error": err[0], "detail": err[1]})
+    return good
 
 
 def _product_category(docs: query.Docs) -> dict[str, str]:

@@ -252,6 +252,30 @@ def run(cfg: Config) -> dict:
         return _evaluate(cfg, searcher, started)
 
 
+def _queries(cfg: Config, version, docs, shards, dataset, rerank: int):
+    if cfg.leave_one_out:
+        q = leave_one_out_queries(cfg, version, docs, shards, dataset)
+    else:
+        q = table_queries(cfg, version, docs, rerank > 0)
+    if not len(q.vectors):
+        raise EvalError(f"no query could be used: {q.attempted} rows, errors {dict(q.errors)}")
+    return q
+
+
+def _version_fields(version) -> dict:
+    m = version.manifest
+    return {
+        "version": m.version,
+        "index_root": version.index_root,
+        "model": m.model,
+        "metric": m.metric,
+        "factory": m.factory,
+        "search_params": m.search_params,
+        "shards": len(m.shards),
+        "count": m.count,
+    }
+
+
 def _evaluate(cfg: Config, searcher: inprocess.Searcher, started: float) -> dict:
     version, shards, docs = searcher.version, searcher.shards, searcher.docs
     m = version.manifest
@@ -263,13 +287,7 @@ def _evaluate(cfg: Config, searcher: inprocess.Searcher, started: float) -> dict
     dataset, why = matching_dataset(version, docs)
     # As the service: the inlier bonus is added to a cosine, so "l2" versions are not re-ranked.
     rerank = cfg.rerank if m.metric == "ip" else 0
-    if cfg.leave_one_out:
-        q = leave_one_out_queries(cfg, version, docs, shards, dataset)
-    else:
-        q = table_queries(cfg, version, docs, rerank > 0)
-    n_errors = sum(q.errors.values())
-    if not len(q.vectors):
-        raise EvalError(f"no query could be used: {q.attempted} rows, errors {dict(q.errors)}")
+    q = _queries(cfg, version, docs, shards, dataset, rerank)
 
     width = max(cfg.ks)
     preprocess = embedders.preprocess_for(
@@ -283,35 +301,22 @@ def _evaluate(cfg: Config, searcher: inprocess.Searcher, started: float) -> dict
         level: metrics.summarize(rel, n_rel, cfg.ks) for level, (rel, n_rel) in levels.items()
     }
     per_category = _per_category(q, levels, cfg.ks)
-    primary = "instance" if "instance" in levels else "category" if "category" in levels else None
-    rank_key = _rank_key(cfg.ks)
     index_recall, recall_note = _index_recall(q, version, shards, dataset, why)
 
     report = {
-        "version": m.version,
-        "index_root": version.index_root,
-        "model": m.model,
-        "metric": m.metric,
-        "factory": m.factory,
-        "search_params": m.search_params,
-        "shards": len(m.shards),
-        "count": m.count,
+        **_version_fields(version),
         "mode": mode,
         "ks": list(cfg.ks),
         "queries": q.attempted,
         "evaluated": len(q.vectors),
-        "errors": n_errors,
+        "errors": sum(q.errors.values()),
         "errors_by_code": dict(sorted(q.errors.items())),
         "error_examples": q.error_examples,
         "instance": summary.get("instance"),
         "category": summary.get("category"),
         "predicted_category_accuracy": _predicted_category_accuracy(q, answers, m.metric),
         "per_category": per_category,
-        "worst_categories": {
-            "level": primary,
-            "by": rank_key,
-            "rows": _worst(per_category, primary, rank_key),
-        },
+        "worst_categories": _worst_categories(per_category, levels, cfg.ks),
         "index_recall_at_10": None if index_recall is None else round(index_recall, 6),
         "index_recall_note": recall_note,
         "latency_ms": {
@@ -326,6 +331,16 @@ def _evaluate(cfg: Config, searcher: inprocess.Searcher, started: float) -> dict
         "created_unix": started,
         "took_s": None,
     }
+    return _finish(cfg, report, started)
+
+
+def _worst_categories(per_category: dict, levels: dict, ks) -> dict:
+    primary = "instance" if "instance" in levels else "category" if "category" in levels else None
+    rank_key = _rank_key(ks)
+    return {"level": primary, "by": rank_key, "rows": _worst(per_category, primary, rank_key)}
+
+
+def _finish(cfg: Config, report: dict, started: float) -> dict:
     report["took_s"] = round(time.time() - started, 2)
     evalreport.print_summary(report, _say)
     if cfg.out:

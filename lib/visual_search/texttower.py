@@ -254,14 +254,7 @@ def train_and_tune(
     title_col = "title" if "title" in columns else columns[0]
     titles = fulltext.doc_texts(docs, [title_col])
     pids = np.asarray(docs["product_id"].to_pylist()).astype(str)
-    # Not the seed of the tuning stage's split: within one of its splits every share would
-    # fall on one side of 0.9.
-    split = tuning.split_products(pids, (1 - HELD_OUT, 0.0, HELD_OUT), seed + 1)
-    fit, held = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
-    held = held[[bool(titles[i].strip()) for i in held]]
-    held = np.random.default_rng(seed).permutation(held)[:MAX_QUERIES]
-    if len(fit) < 2 or not len(held):
-        raise ValueError(f"text tower: {len(fit)} training rows, {len(held)} held-out titles")
+    fit, held = _held_out(pids, titles, seed)
     probe = train([texts[i] for i in fit], vectors[fit], settings)
     gallery = tuning.unit(vectors)
     queries = [titles[i] for i in held]
@@ -271,17 +264,7 @@ def train_and_tune(
     targets = pids[held]
     text_fusion = tune_fusion({"text": bm25, "semantic": semantic}, targets, TEXT_GRID,
                               ("text", "semantic"))  # fmt: skip
-    # Hybrid, without labels: the photo of the held-out row's nearest other product (a
-    # look-alike) with the row's title; its own product is the one to find.
-    own = gallery[held]
-    sims = own @ gallery.T
-    sims[pids[None, :] == targets[:, None]] = -np.inf
-    photos = gallery[np.argmax(sims, axis=1)]
-    image = [_ranking(gallery @ p, pids, DEPTH) for p in photos]
-    composed = [_ranking(gallery @ compose(p[None], w[None])[0], pids, DEPTH)
-                for p, w in zip(photos, words, strict=True)]  # fmt: skip
-    hybrid = tune_fusion({"image": image, "semantic": composed, "text": bm25}, targets,
-                         HYBRID_GRID, ("image", "semantic", "text"))  # fmt: skip
+    hybrid = _hybrid_fusion(gallery, pids, held, words, bm25)
     heldout_r10 = _recall(semantic, targets)[0]
     tower = train(texts, vectors, settings)
     record = {
@@ -307,6 +290,33 @@ def train_and_tune(
         "seconds": round(time.time() - started, 2),
     }
     return tower, record
+
+
+def _held_out(pids: np.ndarray, titles: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows with a title, at most MAX_QUERIES), split by product."""
+    # Not the seed of the tuning stage's split: within one of its splits every share would
+    # fall on one side of 0.9.
+    split = tuning.split_products(pids, (1 - HELD_OUT, 0.0, HELD_OUT), seed + 1)
+    fit, held = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
+    held = held[[bool(titles[i].strip()) for i in held]]
+    held = np.random.default_rng(seed).permutation(held)[:MAX_QUERIES]
+    if len(fit) < 2 or not len(held):
+        raise ValueError(f"text tower: {len(fit)} training rows, {len(held)} held-out titles")
+    return fit, held
+
+
+def _hybrid_fusion(gallery, pids, held, words, bm25) -> dict:
+    """Hybrid weights tuned without labels: the photo of the held-out row's nearest other
+    product (a look-alike) with the row's title; its own product is the one to find."""
+    targets = pids[held]
+    sims = gallery[held] @ gallery.T
+    sims[pids[None, :] == targets[:, None]] = -np.inf
+    photos = gallery[np.argmax(sims, axis=1)]
+    image = [_ranking(gallery @ p, pids, DEPTH) for p in photos]
+    composed = [_ranking(gallery @ compose(p[None], w[None])[0], pids, DEPTH)
+                for p, w in zip(photos, words, strict=True)]  # fmt: skip
+    return tune_fusion({"image": image, "semantic": composed, "text": bm25}, targets,
+                       HYBRID_GRID, ("image", "semantic", "text"))  # fmt: skip
 
 
 def _brief(tuned: dict) -> dict:
