@@ -1239,37 +1239,57 @@ def test_version_reports_index_model_build_date_and_code(svc):
     assert body["index_code_version"] == manifest.code_version
 
 
+def _fuzz(svc, operation, mode, seen: dict) -> None:
+    """Send schemathesis's cases for one operation: no 5xx, and the JSON error on each 4xx."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+
+    @settings(
+        max_examples=5,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def check(case):
+        kwargs = case.as_transport_kwargs(base_url=svc.base)  # requests' arguments
+        r = svc.session.request(**kwargs, timeout=TIMEOUT)
+        seen.setdefault(operation.label, set()).add(r.status_code)
+        if r.status_code == 503:  # a min_seq past the applied updates: the documented answer
+            assert_error(r, 503, "stale")
+            return
+        assert r.status_code < 500, (operation.label, r.status_code, r.text[:300])
+        if r.status_code >= 400:
+            assert_error(r, r.status_code)
+
+    try:
+        check()
+    except Unsatisfiable:
+        # An operation with no parameters or body has nothing a negative case can break.
+        if mode != GenerationMode.NEGATIVE or operation.query or operation.body:
+            raise AssertionError(f"{operation.label} {mode}: no case") from None
+        seen.setdefault(operation.label, set())
+
+
 def test_fuzzed_openapi_surface_never_answers_5xx(svc):
     """Every operation of the published schema, fed schema-valid and schema-breaking requests
     (schemathesis, no API key): never a 5xx, and every 4xx is the JSON error body."""
     import schemathesis
-    from hypothesis import HealthCheck, given, settings
     from schemathesis import GenerationMode
 
     schema = schemathesis.openapi.from_url(f"{svc.base}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 10, [op.label for op in operations]
     seen: dict[str, set[int]] = {}
-
     for operation in operations:
         for mode in GenerationMode:
-
-            @settings(
-                max_examples=8,
-                deadline=None,
-                database=None,
-                derandomize=True,
-                suppress_health_check=list(HealthCheck),
-            )
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def check(case, op=operation.label):
-                r = case.call(base_url=svc.base, session=svc.session, timeout=TIMEOUT)
-                seen.setdefault(op, set()).add(r.status_code)
-                assert r.status_code < 500, (op, r.status_code, r.text[:300])
-                if r.status_code >= 400:
-                    assert_error(r, r.status_code)
-
-            check()
+            _fuzz(svc, operation, mode, seen)
     # The admin and update operations refused the key-less requests rather than acting on them.
-    writes = {op: codes for op, codes in seen.items() if op.split()[0] in ("PUT", "DELETE")}
-    assert writes and all(codes <= {401, 403, 404, 405, 413, 415, 422} for codes in writes.values())
+    writes = {
+        op: codes
+        for op, codes in seen.items()
+        if op.split()[0] in ("PUT", "DELETE") or op.split()[-1].startswith("/admin")
+    }
+    assert writes and all(400 <= c < 500 for codes in writes.values() for c in codes), writes
