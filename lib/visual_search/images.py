@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Formats a catalog may hold. Anything else (EPS, PSD, ICO, ...) is refused before parsing.
 # (MPO files open through the JPEG plugin.)
@@ -72,6 +72,8 @@ class Limits:
     max_pixels: int = 40_000_000
     # Smaller images (tracking pixels, placeholders) carry no product.
     min_side: int = 16
+    # Pillow decodes WebP whole, in about three full-size RGBA copies (16 Mpx: about 250 MB).
+    max_webp_pixels: int = 16_000_000
     formats: tuple[str, ...] = FORMATS  # the Pillow formats accepted
 
 
@@ -110,38 +112,68 @@ def _white_background(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(canvas, rgba).convert("RGB")
 
 
-def _scaled_to_8bit(img: Image.Image) -> Image.Image:
+def _scaled_to_8bit(img: Image.Image, top: float | None = None) -> Image.Image:
     """16/32-bit integer and float grayscale to 8 bits by scaling, never by clipping.
 
     I;16* modes scale by their bit depth; "I" (32-bit, how Pillow opens some 16-bit files) and
-    "F" carry no depth, so their range is taken from the values.
+    "F" carry no depth, so their range is taken from the values (`top`: the whole image's
+    maximum, when `img` is one strip of it).
     """
     arr = np.asarray(img)
+    if top is None:
+        top = float(np.nan_to_num(arr.astype(np.float64)).max(initial=0))
     if img.mode.startswith("I;16"):
         out = arr.astype(np.float64) * 255.0 / 65535.0
     elif arr.dtype.kind == "f":
         arr = np.nan_to_num(arr.astype(np.float64))
-        out = arr * 255.0 if arr.max(initial=0) <= 1.0 else arr
+        out = arr * 255.0 if top <= 1.0 else arr
     else:
-        top = int(arr.max(initial=0))
         depth = 255 if top <= 255 else 65535 if top <= 65535 else top
         out = arr.astype(np.float64) * (255.0 / depth)
     return Image.fromarray(np.round(np.clip(out, 0, 255)).astype(np.uint8), "L").convert("RGB")
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB; transparency is composited on white."""
+def to_rgb(img: Image.Image, top: float | None = None) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited on white.
+
+    `top` is the maximum value of the whole image when `img` is one strip of a 32-bit one."""
     mode = img.mode
     if mode == "RGB":
         return img
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
         return _white_background(img)
     if mode.startswith("I") or mode == "F":
-        return _scaled_to_8bit(img)
+        return _scaled_to_8bit(img, top)
     try:
         return img.convert("RGB")
     except (ValueError, OSError) as exc:
         raise ImageError("unsupported", f"cannot convert mode {mode} to RGB: {exc}") from exc
+
+
+# A draft_size caller resamples at the end; reduction keeps 3x that (resize's reducing_gap).
+REDUCE_MARGIN = 3
+# Pixels converted at a time when a large image is reduced strip by strip (4 MB as RGBA).
+STRIP_PIXELS = 1 << 20
+
+
+def _reduced_rgb(img: Image.Image, factor: int) -> Image.Image:
+    """A loaded image -> RGB box-reduced `factor` times, converted one strip of rows at a time,
+    so that memory stays near the decoded image's own size (a 40 Mpx RGBA or 16-bit image
+    would otherwise take several full-size copies). Strips are whole multiples of `factor`
+    rows, so the result equals converting the whole image and then reducing it."""
+    w, h = img.size
+    top = None
+    if img.mode in ("I", "F"):  # their scale comes from the whole image's range
+        top = float(np.nan_to_num(np.float64(img.getextrema()[1])))
+    rows = max(factor, STRIP_PIXELS // w // factor * factor)
+    out = Image.new("RGB", (math.ceil(w / factor), math.ceil(h / factor)))
+    for y in range(0, h, rows):
+        strip = to_rgb(img.crop((0, y, w, min(h, y + rows))), top)
+        out.paste(strip.reduce(factor), (0, y // factor))
+    orientation = img.getexif().get(ExifTags.Base.Orientation)
+    if orientation:
+        out.getexif()[ExifTags.Base.Orientation] = orientation
+    return out
 
 
 def _classify(exc: Exception) -> ImageError:
@@ -179,6 +211,8 @@ def decode(data: bytes, limits: Limits = Limits(), draft_size: int | None = None
     w, h = img.size
     if w * h > limits.max_pixels:
         raise ImageError("too_large", f"{w}x{h} pixels > limit {limits.max_pixels}")
+    if img.format == "WEBP" and w * h > limits.max_webp_pixels:
+        raise ImageError("too_large", f"{w}x{h} WebP pixels > limit {limits.max_webp_pixels}")
     if min(w, h) < limits.min_side:
         raise ImageError("too_small", f"{w}x{h} pixels, smaller than {limits.min_side}")
     try:
@@ -187,10 +221,15 @@ def decode(data: bytes, limits: Limits = Limits(), draft_size: int | None = None
         img.load()
     except Exception as exc:
         raise _classify(exc) from exc
-    # A malformed EXIF block should not cost a good image.
-    with contextlib.suppress(Exception):
-        img = ImageOps.exif_transpose(img)
+    # Formats without a reduced-scale decode are reduced before conversion (keeping a margin
+    # of REDUCE_MARGIN over draft_size for the final resampling).
+    factor = min(img.size) // (draft_size * REDUCE_MARGIN) if draft_size else 0
     try:
+        if factor >= 2:
+            img = _reduced_rgb(img, factor)
+        # A malformed EXIF block should not cost a good image.
+        with contextlib.suppress(Exception):
+            img = ImageOps.exif_transpose(img)
         return to_rgb(img)
     except ImageError:
         raise
