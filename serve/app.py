@@ -28,6 +28,14 @@ class AppArgs(BaseModel):
     weights: str | None = Field(None, description="model weights URI (models other than lite0)")
     device: str | None = None
     shard_replicas: int = Field(1, ge=1)
+    ingress_replicas: int = Field(
+        1, ge=1, description="HTTP ingress replicas (each embeds queries when embed_in_ingress)"
+    )
+    follow_current: bool = Field(
+        True,
+        description="every ingress replica switches to a new CURRENT by itself within about "
+        "1 s (so they move together); false: only on POST /admin/reload (one replica)",
+    )
     embedder_replicas: int = Field(1, ge=1)
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_inflight: int = Field(64, ge=1, description="requests in flight before 503")
@@ -69,13 +77,15 @@ class AppArgs(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _one_ingress(self):
+    def _replicas(self):
         if self.embed_in_ingress and self.embedder_replicas > 1:
-            # /admin/reload switches the replica that receives it: the ingress runs one.
             raise ValueError(
-                "embed_in_ingress runs the model in the single ingress replica: "
+                "embed_in_ingress runs the model in each ingress replica (ingress_replicas): "
                 "embedder_replicas > 1 needs embed_in_ingress false"
             )
+        if self.ingress_replicas > 1 and not self.follow_current:
+            # /admin/reload switches only the replica that receives it.
+            raise ValueError("ingress_replicas > 1 needs follow_current, or they drift apart")
         return self
 
     @property
@@ -148,9 +158,11 @@ def build_app(args: AppArgs) -> Application:
         ).bind(manifest.model, **embedding)
         local, ingress = None, {"num_cpus": args.ingress_cpus}
     models = 0 if embedder is None else args.embedder_replicas * args.embedder_cpus
-    _check_fits(ingress["num_cpus"] + n * args.shard_replicas * per_shard + models)
+    ingresses = args.ingress_replicas * ingress["num_cpus"]
+    _check_fits(ingresses + n * args.shard_replicas * per_shard + models)
     config = settings(args)
     return Ingress.options(
+        num_replicas=args.ingress_replicas,
         # Uploads being read and searches in flight, plus health checks.
         max_ongoing_requests=config.max_reading + config.max_inflight + 16,
         max_queued_requests=4 * args.max_inflight,

@@ -157,6 +157,7 @@ def svc(tmp_path_factory):
                     shard_cpus=0.1,
                     ingress_cpus=0.1,
                     upload_timeout_s=UPLOAD_TIMEOUT,
+                    follow_current=False,  # these tests move it by POST /admin/reload
                 )
             ),
             name="vs",
@@ -1224,6 +1225,74 @@ def test_request_and_error_metrics_reach_prometheus(svc):
     count = total(samples, "ray_visual_search_request_latency_ms_count", route=SEARCH)
     assert count >= SENT + 1
     assert total(samples, "ray_visual_search_request_latency_ms_bucket", route=SEARCH, le="+Inf")
+
+
+def test_two_ingress_replicas_follow_a_new_current_together(svc, tmp_path):
+    """ingress_replicas=2 (follow_current, the default): a re-index that moves CURRENT reaches
+    both replicas by itself within seconds, with no failed query while they switch."""
+    import shutil
+
+    from ray import serve
+
+    from serve.app import AppArgs, build_app
+
+    with pytest.raises(ValueError, match="follow_current"):
+        AppArgs(index_root="x", ingress_replicas=2, follow_current=False)
+    root = str(tmp_path / "index")  # its own copy: the module's app does not follow CURRENT
+    # Small reservations: the build below needs a whole free CPU for its training task.
+    shutil.copytree(svc.index_root, root)
+    old = versions.current(root)
+    args = AppArgs(index_root=root, ingress_replicas=2, embed_in_ingress=False, rerank=0,
+                   ingress_cpus=0.02, embedder_cpus=0.1, shard_cpus=0.02)  # fmt: skip
+    serve.run(build_app(args), name="vs-multi", route_prefix="/multi")
+    seen: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def loop():
+        with requests.Session() as session:
+            for _ in range(400):
+                if stop.wait(0.05):
+                    return
+                try:
+                    r = session.post(f"{svc.base}/multi/search", params={"k": 3},
+                                     data=svc.files["p012.jpg"], timeout=TIMEOUT)  # fmt: skip
+                    seen.append((r.status_code, r.json().get("index_version")))
+                except Exception as exc:  # a transport error counts as a failed query
+                    seen.append((-2, repr(exc)))
+
+    def replicas() -> dict[str, set[str]]:
+        """replica -> the versions its /version answers named, over 12 requests."""
+        out: dict[str, set[str]] = {}
+        for _ in range(12):
+            r = svc.get("/multi/version")  # 404 until the proxy knows the route
+            if r.status_code == 200:
+                out.setdefault(r.json()["replica"], set()).add(r.json()["index_version"])
+        return out
+
+    client = threading.Thread(target=loop, daemon=True)
+    try:
+        assert poll(lambda: len(replicas()) == 2, timeout=60), replicas()
+        client.start()
+        assert poll(lambda: len(seen) >= 3, timeout=30), seen
+        new = build_index.run(
+            build_index.Config(embeddings=svc.work, index_root=root, shards=SHARDS)
+        ).version
+        assert new != old
+
+        def switched() -> bool:
+            answers = replicas()
+            return len(answers) == 2 and all(v == {new} for v in answers.values())
+
+        assert poll(switched, timeout=20), replicas()
+        after = len(seen)
+        assert poll(lambda: len(seen) >= after + 3, timeout=30), seen
+    finally:
+        stop.set()
+        if client.ident is not None:
+            client.join(timeout=TIMEOUT + 5)
+        serve.delete("vs-multi")
+    assert all(status == 200 for status, _ in seen), seen
+    assert {v for _, v in seen} == {old, new} and seen[-1][1] == new, seen
 
 
 def test_version_reports_index_model_build_date_and_code(svc):

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 from fastapi import Request, Response
+from ray import serve
 
 from visual_search import (
     embedders,
@@ -19,6 +20,7 @@ from visual_search import (
     filters,
     httpapi,
     images,
+    ingress_state,
     live,
     query,
     storage,
@@ -41,8 +43,18 @@ from visual_search.searchers import BatchedEmbedder
 
 log = logging.getLogger("visual_search.serving")
 
+# How often each ingress replica reads CURRENT (follow_current): replicas switch within about it.
+CURRENT_POLL_S = 1.0
 # Local features of re-ranked catalog photos, per ingress replica (500 keypoints: about 130 kB).
 FEATURE_CACHE_BYTES = 256 << 20
+
+
+def replica_name() -> str:
+    """This Serve replica's id (in GET /version and the logs); the process outside Serve."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not running in a replica
+        return f"pid-{os.getpid()}"
 
 
 class QueryPath:
@@ -67,6 +79,8 @@ class QueryPath:
         self.searching = self.reading = 0
         self.reload_lock = asyncio.Lock()
         self.following: asyncio.Task | None = None
+        self.watching: asyncio.Task | None = None
+        self.replica = replica_name()
         self.local_args = local_embedder if embedder is None else None
         version = versions.open_version(index_root)
         local = None
@@ -88,9 +102,62 @@ class QueryPath:
     def _ensure_following(self) -> None:
         """The replica's log follower (a task of the serving event loop, started by the first
         request since the constructor has no loop of its own to start it on)."""
+        loop = asyncio.get_running_loop()
         if self.following is None or self.following.done():
-            loop = asyncio.get_running_loop()
             self.following = loop.create_task(live.follow_forever(lambda: [self.state.follower]))
+        if self.settings.follow_current and (self.watching is None or self.watching.done()):
+            self.watching = loop.create_task(self._watch_current())
+
+    async def switch_to_current(self) -> dict:
+        """POST /admin/reload: the version CURRENT names, every shard warmed before the switch
+        so that no query waits on a load; the live version's groups read anew when CURRENT has
+        not moved. ApiError 409 (still serving the old one) when it cannot be used."""
+        async with self.reload_lock:
+            previous = self.state.name
+            try:
+                target = versions.current(self.index_root)
+                same = target is None or target == previous
+                version = None if same else versions.open_version(self.index_root, target)
+            except (ValueError, OSError, updates.LogError) as exc:  # corrupt: keep serving
+                raise ApiError(409, "bad_version", f"cannot switch: {exc}") from exc
+            if version is None:
+                return await self._regroup()
+            local = await self._local_for(version.manifest.model)
+            await asyncio.gather(*(s.prepare.remote(target) for s in self.shards))
+            self.state = await asyncio.to_thread(self._load, version, local)
+            log.info("replica %s reloaded index %s -> %s", self.replica, previous, target)
+            return {
+                "status": "reloaded",
+                "index_version": target,
+                "previous": previous,
+                "groups": self.state.group_count,
+            }
+
+    async def _regroup(self) -> dict:
+        """The live version again, with its near-duplicate groups read anew (the dedup job may
+        have written them since it was loaded)."""
+        state = self.state
+        groups = await asyncio.to_thread(ingress_state.load_groups, self.index_root, state.name)
+        self.state = state = state.with_groups(groups)
+        return {"status": "unchanged", "index_version": state.name, "groups": state.group_count}
+
+    async def _watch_current(self) -> None:
+        """follow_current: switch when CURRENT names another version (a re-index published it,
+        or a rollback), so that every ingress replica moves within about CURRENT_POLL_S of the
+        others. A version that cannot be used is retried on each poll and logged once."""
+        logged = None
+        while True:
+            await asyncio.sleep(CURRENT_POLL_S)
+            try:
+                target = await asyncio.to_thread(versions.current, self.index_root)
+                if target is not None and target != self.state.name:
+                    await self.switch_to_current()
+                logged = None
+            except Exception as exc:  # keep serving the live version, and keep watching
+                message = exc.message if isinstance(exc, ApiError) else repr(exc)
+                if message != logged:
+                    log.warning("replica %s not following CURRENT: %s", self.replica, message)
+                logged = message
 
     # --- helpers -------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ class Settings:
     upload_tiff: bool = False
     upload_timeout_s: float = 30.0  # a slower upload gets a 408
     shard_timeout_s: float = 5.0  # a slower shard is left out of the answer (partial)
+    follow_current: bool = True  # switch to a new CURRENT by itself (every replica)
 
     @property
     def max_reading(self) -> int:

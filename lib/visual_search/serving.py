@@ -37,7 +37,6 @@ from visual_search import (
     storage,
     texttower,
     updates,
-    versions,
 )
 from visual_search.httpapi import ApiError, Stages
 from visual_search.ingress_query import QueryPath
@@ -281,7 +280,7 @@ class Ingress(QueryPath):
     @app.get("/version")
     async def version(self) -> dict:
         self._ensure_following()
-        return ingress_state.describe(self.state, self.code_version)
+        return {**ingress_state.describe(self.state, self.code_version), "replica": self.replica}
 
     @app.get("/", response_class=HTMLResponse)
     async def page(self) -> HTMLResponse:
@@ -290,36 +289,4 @@ class Ingress(QueryPath):
     @app.post("/admin/reload")
     async def reload(self, request: Request) -> dict:
         self._admin(request)
-        async with self.reload_lock:
-            previous = self.state.name
-            try:
-                target = versions.current(self.index_root)
-                same = target is None or target == previous
-                version = None if same else versions.open_version(self.index_root, target)
-            except (ValueError, OSError, updates.LogError) as exc:  # corrupt: keep serving
-                raise ApiError(409, "bad_version", f"cannot switch: {exc}") from exc
-            if version is None:
-                return await self._regroup()
-            local = await self._local_for(version.manifest.model)
-            # Warm every shard before switching, so no query waits on a load.
-            await asyncio.gather(*(s.prepare.remote(target) for s in self.shards))
-            self.state = await asyncio.to_thread(self._load, version, local)
-            log.info("reloaded index %s -> %s", previous, target)
-            return {
-                "status": "reloaded",
-                "index_version": target,
-                "previous": previous,
-                "groups": self.state.group_count,
-            }
-
-    async def _regroup(self) -> dict:
-        """The live version again, with its near-duplicate groups read anew (the dedup job may
-        have written them since it was loaded)."""
-        state = self.state
-        groups = await asyncio.to_thread(ingress_state.load_groups, self.index_root, state.name)
-        self.state = state.with_groups(groups)
-        return {
-            "status": "unchanged",
-            "index_version": state.name,
-            "groups": self.state.group_count,
-        }
+        return await self.switch_to_current()
