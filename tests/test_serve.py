@@ -1261,10 +1261,13 @@ def test_two_ingress_replicas_follow_a_new_current_together(svc, tmp_path):
                     seen.append((-2, repr(exc)))
 
     def replicas() -> dict[str, set[str]]:
-        """replica -> the versions its /version answers named, over 12 requests."""
+        """replica -> the versions its /version answers named, over 16 requests, each on its
+        own connection (HAProxy picks the replica per connection)."""
         out: dict[str, set[str]] = {}
-        for _ in range(12):
-            r = svc.get("/multi/version")  # 404 until the proxy knows the route
+        for _ in range(16):
+            r = requests.get(
+                f"{svc.base}/multi/version", timeout=TIMEOUT, headers={"Connection": "close"}
+            )  # 404 until the route is known
             if r.status_code == 200:
                 out.setdefault(r.json()["replica"], set()).add(r.json()["index_version"])
         return out
