@@ -1228,7 +1228,7 @@ def test_request_and_error_metrics_reach_prometheus(svc):
 
 
 def test_two_ingress_replicas_follow_a_new_current_together(svc, tmp_path):
-    """ingress_replicas=2 (follow_current, the default): a re-index that moves CURRENT reaches
+    """ingress_replicas=2 (follow_current, the default): a publish that moves CURRENT reaches
     both replicas by itself within seconds, with no failed query while they switch."""
     import shutil
 
@@ -1239,9 +1239,15 @@ def test_two_ingress_replicas_follow_a_new_current_together(svc, tmp_path):
     with pytest.raises(ValueError, match="follow_current"):
         AppArgs(index_root="x", ingress_replicas=2, follow_current=False)
     root = str(tmp_path / "index")  # its own copy: the module's app does not follow CURRENT
-    # Small reservations: the build below needs a whole free CPU for its training task.
     shutil.copytree(svc.index_root, root)
     old = versions.current(root)
+    # The re-index runs first (its training task needs a CPU the replicas would hold); it is
+    # rolled back, so that publishing it again is what the replicas see.
+    live = versions.open_version(root).manifest  # the same embeddings: the same model
+    new = build_index.run(
+        build_index.Config(embeddings=live.embeddings["uri"], index_root=root, shards=SHARDS)
+    ).version
+    assert new != old and versions.roll_back(root, old) == new
     args = AppArgs(index_root=root, ingress_replicas=2, embed_in_ingress=False, rerank=0,
                    ingress_cpus=0.02, embedder_cpus=0.1, shard_cpus=0.02)  # fmt: skip
     serve.run(build_app(args), name="vs-multi", route_prefix="/multi")
@@ -1277,10 +1283,7 @@ def test_two_ingress_replicas_follow_a_new_current_together(svc, tmp_path):
         assert poll(lambda: len(replicas()) == 2, timeout=60), replicas()
         client.start()
         assert poll(lambda: len(seen) >= 3, timeout=30), seen
-        new = build_index.run(
-            build_index.Config(embeddings=svc.work, index_root=root, shards=SHARDS)
-        ).version
-        assert new != old
+        assert versions.set_current(root, new) == old  # the publish a re-index ends with
 
         def switched() -> bool:
             answers = replicas()
