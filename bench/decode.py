@@ -29,17 +29,23 @@ CASES = {  # name -> (mode, size, format)
 }
 
 
-def make(mode: str, size: tuple[int, int], fmt: str, path: pathlib.Path) -> None:
-    """Smooth ramps in every band (alpha too): uploads stay under the byte limit."""
+def gradient(mode: str, size: tuple[int, int]) -> Image.Image:
+    """A smooth image in `mode` (RGB, RGBA, LA, I;16, I), every band (alpha too) varying
+    across it: large in pixels, small as a file (uploads stay under the byte limit)."""
     w, h = size
     x = np.broadcast_to(np.linspace(0, 1, w, dtype=np.float32), (h, w))
     y = np.broadcast_to(np.linspace(0, 1, h, dtype=np.float32)[:, None], (h, w))
     if mode == "I;16":
-        img = Image.fromarray((x * y * 65535).astype(np.uint16))
-    else:
-        bands = [x * 255, y * 255, (1 - x) * 255, (x + y) * 127][: len(mode)]
-        img = Image.fromarray(np.stack(bands, -1).astype(np.uint8), mode)
-    img.save(path, format=fmt, **({"compress_level": 1} if fmt == "PNG" else {"quality": 80}))
+        return Image.fromarray((x * y * 65535).astype(np.uint16))
+    if mode == "I":
+        return Image.fromarray((x * 3000 + y * 900).astype(np.int32), "I")
+    bands = [x * 255, y * 255, (1 - x) * 255, (x + y) * 127][: len(mode)]
+    return Image.fromarray(np.stack(bands, -1).astype(np.uint8), mode)
+
+
+def save(img: Image.Image, fmt: str, path: pathlib.Path) -> None:
+    options = {"PNG": {"compress_level": 1}, "WEBP": {"quality": 30, "method": 0}}
+    img.save(path, format=fmt, **options.get(fmt, {"quality": 80}))
 
 
 def _status_kb(key: str) -> int:
@@ -48,7 +54,8 @@ def _status_kb(key: str) -> int:
 
 
 def measure_one(path: str) -> dict:
-    """Peak RSS of one decode over the RSS before it (Linux: the peak is reset first)."""
+    """Peak RSS of one upload decode over the RSS before it (Linux: the peak is reset first),
+    and its outcome: "ok" or the ImageError code."""
     from visual_search import images
 
     data = pathlib.Path(path).read_bytes()
@@ -56,9 +63,22 @@ def measure_one(path: str) -> dict:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
     base = _status_kb("VmRSS")
-    out = images.load(data, images.Preprocess(), limits)
+    try:
+        images.load(data, images.Preprocess(), limits)
+        code = "ok"
+    except images.ImageError as exc:
+        code = exc.code
     peak = _status_kb("VmHWM")
-    return {"bytes": len(data), "shape": list(out.shape), "peak_mb": round((peak - base) / 1024)}
+    return {"bytes": len(data), "code": code, "peak_mb": round((peak - base) / 1024)}
+
+
+def measure(path: pathlib.Path) -> dict:
+    """measure_one in a fresh interpreter, so that nothing decoded before counts."""
+    child = [sys.executable, __file__, "--one", str(path)]
+    out = subprocess.run(child, capture_output=True, text=True, timeout=300)
+    if out.returncode:
+        raise RuntimeError(f"{path.name}: {out.stderr[-1000:]}")
+    return json.loads(out.stdout)
 
 
 def main() -> None:
@@ -73,15 +93,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, (mode, size, fmt) in CASES.items():
             path = pathlib.Path(tmp) / f"{name}.{fmt.lower()}"
-            make(mode, size, fmt, path)
-            child = [sys.executable, __file__, "--one", str(path)]
-            out = subprocess.run(child, capture_output=True, text=True, timeout=300)
-            if out.returncode:
-                sys.exit(f"{name}: {out.stderr[-1000:]}")
-            results[name] = json.loads(out.stdout)
+            save(gradient(mode, size), fmt, path)
+            results[name] = r = measure(path)
             print(
-                f"{name}: {results[name]['bytes'] / 1e6:.1f} MB file, "
-                f"peak {results[name]['peak_mb']} MB over base (goal <= {GOAL_MB})"
+                f"{name}: {r['bytes'] / 1e6:.1f} MB file, {r['code']}, "
+                f"peak {r['peak_mb']} MB over base (goal <= {GOAL_MB})"
             )
     pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.json).write_text(json.dumps({"goal_mb": GOAL_MB, "cases": results}, indent=2))

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import pathlib
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps
 
+from bench import decode as decode_bench
 from visual_search import images
 from visual_search.images import (
     ERROR_CODES,
@@ -378,25 +377,12 @@ def test_formats_can_be_narrowed():
     assert info.value.code == "not_an_image"
 
 
-def _gradient(mode: str, size: tuple[int, int]) -> Image.Image:
-    """A smooth test image in `mode` with every band (and alpha) varying across it."""
-    w, h = size
-    x = np.linspace(0, 1, w)[None, :] * np.ones((h, 1))
-    y = np.linspace(0, 1, h)[:, None] * np.ones((1, w))
-    if mode == "I;16":
-        return Image.fromarray((x * y * 65535).astype(np.uint16))
-    if mode == "I":
-        return Image.fromarray((x * 3000 + y * 900).astype(np.int32), "I")
-    bands = [x * 255, y * 255, (1 - x) * 255, (x + y) * 127][: len(mode)]
-    return Image.fromarray(np.stack(bands, -1).astype(np.uint8).squeeze(), mode)
-
-
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "I;16", "I", "RGB"])
 def test_strip_reduction_equals_converting_the_whole_image(mode, monkeypatch):
     """Large uploads are converted strip by strip and box-reduced: pixel for pixel what
     converting the whole image and reducing it gives (odd sizes, several strips)."""
     monkeypatch.setattr(images, "STRIP_PIXELS", 37 * 53)
-    img = _gradient(mode, (301, 217))
+    img = decode_bench.gradient(mode, (301, 217))
     for factor in (2, 3, 7):
         got = np.asarray(images._reduced_rgb(img, factor))
         want = np.asarray(to_rgb(img).reduce(factor))
@@ -407,7 +393,7 @@ def test_strip_reduction_equals_converting_the_whole_image(mode, monkeypatch):
 def test_large_images_are_reduced_before_conversion_and_stay_upright():
     """A 2400x1500 PNG, above 3x the 224 px target, takes the reduced path: the result is close
     to the full-size conversion and its EXIF orientation is still applied."""
-    img = _gradient("RGBA", (2400, 1500))
+    img = decode_bench.gradient("RGBA", (2400, 1500))
     exif = Image.Exif()
     exif[corpus.ORIENTATION] = 6
     buf = io.BytesIO()
@@ -422,45 +408,15 @@ def test_large_images_are_reduced_before_conversion_and_stay_upright():
     assert np.abs(la.astype(int) - lb.astype(int)).mean() < 2.0
 
 
-_PEAK = """
-import sys
-from visual_search import images
-
-def kb(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-
-data = open(sys.argv[1], "rb").read()
-limits = images.Limits(formats=images.UPLOAD_FORMATS)
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # the peak (VmHWM) starts again from the RSS now
-base = kb("VmRSS")
-try:
-    images.load(data, images.Preprocess(224, "pad"), limits)
-    code = "ok"
-except images.ImageError as exc:
-    code = exc.code
-print(code, (kb("VmHWM") - base) // 1024)
-"""
-
-
 @pytest.mark.parametrize("kind", ["RGBA", "I;16", "WEBP"])
 def test_a_40_megapixel_upload_decodes_within_300_mb(kind, tmp_path):
     """Decode memory is bounded: a 40 Mpx RGBA or 16-bit PNG peaks at <= 300 MB over the RSS
     before the decode (in a fresh process; Linux's VmHWM, reset first); a WebP, which
     Pillow can only decode whole, is refused above its own pixel limit instead."""
-    path = tmp_path / "big.png"
-    img = _gradient("RGBA" if kind == "WEBP" else kind, (8000, 5000))
-    if kind == "WEBP":
-        path = path.with_suffix(".webp")
-        img.save(path, quality=30, method=0)
-    else:
-        img.save(path, compress_level=1)
+    path = tmp_path / f"big.{'webp' if kind == 'WEBP' else 'png'}"
+    img = decode_bench.gradient("RGBA" if kind == "WEBP" else kind, (8000, 5000))
+    decode_bench.save(img, "WEBP" if kind == "WEBP" else "PNG", path)
     del img
-    out = subprocess.run(
-        [sys.executable, "-c", _PEAK, str(path)], capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    code, peak_mb = out.stdout.split()
-    assert code == ("too_large" if kind == "WEBP" else "ok"), out.stdout
-    assert int(peak_mb) <= 300, (kind, peak_mb)
+    result = decode_bench.measure(path)
+    assert result["code"] == ("too_large" if kind == "WEBP" else "ok"), result
+    assert result["peak_mb"] <= 300, (kind, result)

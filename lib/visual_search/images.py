@@ -120,14 +120,14 @@ def _scaled_to_8bit(img: Image.Image, top: float | None = None) -> Image.Image:
     maximum, when `img` is one strip of it).
     """
     arr = np.asarray(img)
-    if top is None:
-        top = float(np.nan_to_num(arr.astype(np.float64)).max(initial=0))
     if img.mode.startswith("I;16"):
         out = arr.astype(np.float64) * 255.0 / 65535.0
     elif arr.dtype.kind == "f":
         arr = np.nan_to_num(arr.astype(np.float64))
+        top = arr.max(initial=0) if top is None else top
         out = arr * 255.0 if top <= 1.0 else arr
     else:
+        top = int(arr.max(initial=0)) if top is None else top
         depth = 255 if top <= 255 else 65535 if top <= 65535 else top
         out = arr.astype(np.float64) * (255.0 / depth)
     return Image.fromarray(np.round(np.clip(out, 0, 255)).astype(np.uint8), "L").convert("RGB")
