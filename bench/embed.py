@@ -1,6 +1,14 @@
 """Embedding pipeline benchmark on real catalog images (openclipart), all ratios from one run.
 
     python bench/embed.py [--images 2000] [--memory-sizes 1000,8000] [--json FILE]
+    python bench/embed.py --large [--sizes 1000,10000] [--runs 3] [--json FILE]
+    python bench/embed.py --model-sweep
+
+--large: products-dev photos at 1200x1600 as JPEG q90 and as PNG (bench/large_catalog.py). For
+each format and size: a, b, the limit, and the job end to end (images / pipeline_s, the actors'
+start-up included; the median of --runs runs in one Ray, --big-runs over 1,000 images) with its
+steady rate, first output, the actors' busy and input-wait seconds, and one run's peak memory
+in a fresh process.
 
 (a) read + decode + preprocess alone, all cores (a process pool), images/s
 (b) bare model forward pass over the already preprocessed pixels, all cores, images/s
@@ -52,9 +60,9 @@ def measure_decode(uris: list[str], workers: int) -> tuple[float, np.ndarray]:
 
 
 def measure_model(pixels: np.ndarray, batch_size: int, threads: int) -> float:
-    import torch
+    from visual_search.pipeline import start_worker
 
-    torch.set_num_threads(threads)
+    start_worker(threads)  # as the job's actors set up: threads, freed tensors kept
     emb = embedders.create(device="cpu")
     emb.embed(pixels[:batch_size])
     t = time.perf_counter()
@@ -111,8 +119,88 @@ def measure_memory(catalog_uri: str, work: str) -> dict:
     }
 
 
+def _job_runs(catalog_uri: str, work: str, runs: int, batch_size: int) -> dict:
+    """The job `runs` times on one catalog: the median run's timings, and every run's rate."""
+    keys = ("images_per_s", "steady_images_per_s", "first_output_s", "pipeline_s")
+    keys += ("embed_actors_busy_s", "embed_actors_waited_s")
+    timings = [measure_job(catalog_uri, work, batch_size=batch_size) for _ in range(runs)]
+    timings.sort(key=lambda t: t["images_per_s"])
+    median = timings[len(timings) // 2]
+    return {**{k: median.get(k) for k in keys}, "runs": [t["images_per_s"] for t in timings]}
+
+
+def large(args, cores: int) -> dict:
+    """The --large figures: {format: {a, b, limit, size: job figures}}."""
+    import ray
+
+    from bench import large_catalog
+
+    out = {}
+    for fmt in ("jpeg", "png"):
+        sizes = [int(x) for x in args.sizes.split(",") if x]
+        uris = {n: large_catalog.make(args.large_dir, fmt, n) for n in sizes}
+        a, pixels = measure_decode(
+            storage.read_parquet(uris[min(sizes)])["image_uri"].to_pylist(), cores
+        )
+        b = measure_model(pixels, args.batch_size, cores)
+        limit = 1 / (1 / a + 1 / b)
+        fig = {
+            "a": round(a, 1),
+            "b": round(b, 1),
+            "a_over_b": round(a / b, 2),
+            "limit": round(limit, 1),
+        }
+        print(f"{fmt} a {a:.1f} b {b:.1f} a/b {a / b:.2f} limit {limit:.1f}", flush=True)
+        for n, uri in uris.items():
+            runs = args.runs if n <= 1000 else args.big_runs
+            job = _job_runs(uri, tempfile.mkdtemp(prefix="bench-embed-"), runs, args.batch_size)
+            job["end_to_end_over_limit"] = round(job["images_per_s"] / limit, 3)
+            fig[str(n)] = job
+            print(f"{fmt} {n} job_end_to_end {job['images_per_s']} (runs {job['runs']}) "
+                  f"over_limit {job['end_to_end_over_limit']} steady {job['steady_images_per_s']} "
+                  f"first_output_s {job['first_output_s']} actors_busy_s "
+                  f"{job['embed_actors_busy_s']} actors_waited_s {job['embed_actors_waited_s']}",
+                  flush=True)  # fmt: skip
+        out[fmt] = fig
+    ray.shutdown()  # the memory runs start their own Ray, as a fresh job does
+    for fmt in out:
+        n = min(int(x) for x in args.sizes.split(",") if x)
+        uri = large_catalog.make(args.large_dir, fmt, n)
+        m = measure_memory(uri, tempfile.mkdtemp(prefix="bench-embed-"))
+        out[fmt][f"memory_{n}"] = m
+        print(f"{fmt} {n} memory_peak_pss_mib {m['peak_pss_bytes'] / 2**20:.0f}", flush=True)
+    return {"cores": cores, "batch_size": args.batch_size, **out}
+
+
+def model_sweep(args, cores: int) -> dict:
+    """--model-sweep: the bare model's images/s by batch size, with the actors' allocator
+    setting and without it (a fresh process each, since the setting cannot be undone)."""
+    out = {}
+    for keep in (True, False):
+        for batch in (8, 16, 32, 64):
+            code = (
+                "import sys; sys.path.insert(0, sys.argv[1]); import numpy as np; "
+                "from bench import embed as e; from visual_search import devices; "
+                "keep = devices.keep_freed_memory; "
+                "devices.keep_freed_memory = keep if sys.argv[2] == '1' else (lambda: False); "
+                "px = np.random.default_rng(0).integers(0, 256, (256, 224, 224, 3), np.uint8); "
+                "print(e.measure_model(px, int(sys.argv[3]), int(sys.argv[4])))"
+            )
+            cmd = [sys.executable, "-c", code, REPO, str(int(keep)), str(batch), str(cores)]
+            rate = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+            out[f"b_batch_{batch}_{'kept' if keep else 'glibc_default'}"] = round(rate, 1)
+            print(f"b batch {batch} freed_memory_kept {keep} {rate:.1f}", flush=True)
+    return {"cores": cores, **out}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--large", action="store_true", help="1200x1600 product photos, JPEG and PNG")
+    p.add_argument("--model-sweep", action="store_true", help="bare model by batch size")
+    p.add_argument("--sizes", default="1000,10000", help="--large: catalog sizes")
+    p.add_argument("--runs", type=int, default=3, help="--large: job runs per catalog (median)")
+    p.add_argument("--big-runs", type=int, default=3, help="--large: runs over 1,000 images")
+    p.add_argument("--large-dir", default=os.path.join(REPO, ".cache", "large"))
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--memory-sizes", default="1000,8000")
     p.add_argument("--cache", default=os.path.join(REPO, ".cache"))
@@ -121,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     cores = devices.cpu_count()
+    if args.large or args.model_sweep:
+        suffix = "-large.json" if args.large else "-model-sweep.json"
+        if args.json.endswith("embed.json"):
+            args.json = args.json[: -len(".json")] + suffix
+        storage.write_json(args.json, (large if args.large else model_sweep)(args, cores))
+        print(f"wrote {args.json}", flush=True)
+        return 0
     folder = sample.fetch_openclipart(args.cache)
     work = tempfile.mkdtemp(prefix="bench-embed-")
     cat_uri = os.path.join(work, "catalog.parquet")

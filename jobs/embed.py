@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from jobs import cli
 from visual_search import (
@@ -43,11 +44,14 @@ class Config:
     random_weights: bool = False
     preprocess: str = "pad"
     head: str | None = None  # projection head file (heads.py), run after the backbone
+    # Images per model call. On CPU, 8 to 32 run at the same rate (149 / 145 / 143 images/s on
+    # 2 cores) and 64 is slower (111): bench/embed.py --model-sweep. On a GPU use 128-256.
     batch_size: int = 32
     concurrency: int | None = None  # embedding actors; default: one per GPU, else 1
     gpus: int | None = None  # GPUs to use (default: those the cluster has now; see --gpus)
-    threads_per_actor: int | None = None  # CPU actors: torch threads (default: all cores)
-    decode_batch_size: int = 16
+    # CPU actors: torch threads (default: all cores; decoding yields to them, pipeline.py)
+    threads_per_actor: int | None = None
+    decode_batch_size: int = 16  # images per decode call, each read on a thread (S3 latency)
     partition_size: int = 1000
     limits: images.Limits = images.Limits()
     device: str | None = None
@@ -104,18 +108,26 @@ def _prepare_out(cfg: Config, plan: dict) -> None:
 
 
 class _Progress:
-    """Console progress lines, and the steady-state rate measured over the middle of the run."""
+    """Console progress lines, and the run's rates: end to end, and steady (the middle of the
+    run while decoding still ran, so that the model catching up on images decoded ahead while
+    it started cannot pass for a rate both stages sustain)."""
 
     def __init__(self, total: int, every_s: float):
         self.total, self.every_s = total, every_s
         self.done = self.errors = 0
-        self.start = self.last = time.monotonic()
+        self.start = self.last = time.time()
+        self.decode_end = 0.0  # when the last block seen so far was decoded (Unix time)
+        self.actors = {"embed_s": 0.0, "waited_s": 0.0}  # summed over the actors
         self.points: list[tuple[float, int]] = []  # (time, rows done) at each output batch
 
-    def add(self, rows: int, errors: int) -> None:
-        self.done += rows
-        self.errors += errors
-        now = time.monotonic()
+    def add(self, batch: pa.Table) -> None:
+        self.done += batch.num_rows
+        self.errors += batch["embedding"].null_count
+        if batch.num_rows:
+            self.decode_end = max(self.decode_end, pc.max(batch["decoded_at"]).as_py())
+            for key in self.actors:
+                self.actors[key] += pc.sum(batch[key]).as_py()
+        now = time.time()
         self.points.append((now, self.done))
         if now - self.last >= self.every_s or self.done == self.total:
             self.last = now
@@ -123,31 +135,44 @@ class _Progress:
             eta = (self.total - self.done) / rate if rate else float("inf")
             print(
                 f"[embed] {self.done:,}/{self.total:,} images ({100 * self.done / self.total:.0f}%)"
-                f", {self.errors:,} errors, {rate:.1f} images/s, ETA {eta:.0f}s",
+                f", {self.errors:,} errors, {rate:.1f} images/s end to end, ETA {eta:.0f}s",
                 flush=True,
             )
 
+    def first_output_s(self) -> float | None:
+        return self.points[0][0] - self.start if self.points else None
+
     def steady_rate(self) -> float | None:
-        """Images/s between 25% and 75% of the rows: start-up, fill and drain excluded."""
+        """Images/s from 25% to 75% of the rows, cut where decoding ended; None when under
+        10% of the rows came out while both stages ran (the model was the whole run)."""
         lo = next((p for p in self.points if p[1] >= 0.25 * self.total), None)
-        hi = next((p for p in self.points if p[1] >= 0.75 * self.total), None)
-        if lo is None or hi is None or hi[0] <= lo[0]:
+        both = [p for p in self.points if p[0] <= self.decode_end and p[1] <= 0.75 * self.total]
+        hi = both[-1] if both else None
+        if lo is None or hi is None or hi[0] <= lo[0] or hi[1] - lo[1] < 0.1 * self.total:
             return None
         return (hi[1] - lo[1]) / (hi[0] - lo[0])
+
+    def timings(self) -> dict:
+        return {
+            "first_output_s": _round(self.first_output_s()),
+            "steady_images_per_s": _round(self.steady_rate()),
+            "embed_actors_busy_s": round(self.actors["embed_s"], 2),
+            "embed_actors_waited_s": round(self.actors["waited_s"], 2),
+        }
 
 
 def _stream(cfg: Config, cat: catalog.Catalog, todo_rows: pa.Array, dim: int):
     """Build the Ray Data pipeline over the catalog rows still to do; yields output batches."""
     import ray
 
-    cluster.init()
     gpus = devices.cluster_gpus(cfg.gpus)
     concurrency = cfg.concurrency or (max(1, int(gpus)) if gpus else 1)
     n_cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = None if gpus else (cfg.threads_per_actor or max(1, n_cpus // concurrency))
 
     table = pa.table({"row": todo_rows, "image_uri": cat.table["image_uri"].take(todo_rows)})
-    # Small blocks so that even a small catalog spreads over all decode workers.
+    # Small blocks (16-64 rows) so that even a small catalog spreads over all decode workers
+    # and the first decoded block reaches the model early.
     block = max(cfg.decode_batch_size, min(64, math.ceil(len(table) / (4 * n_cpus))))
     blocks = [table.slice(i, block) for i in range(0, len(table), block)]
     print(
@@ -202,9 +227,12 @@ def _embed_partitions(
     dim: int,
     todo: list[int],
     writer: partitions.Writer,
-) -> tuple[float, float | None]:
-    """Stream the rows of the `todo` partitions through the pipeline into `writer`; (seconds
-    taken, steady-state images/s)."""
+) -> dict:
+    """Stream the rows of the `todo` partitions through the pipeline into `writer`; returns
+    the run's timings. Ray's own start is timed apart: a job on a running cluster has none."""
+    ray_start = time.monotonic()
+    if todo:
+        cluster.init()
     t0 = time.monotonic()
     progress = _Progress(0, cfg.progress_every_s)
     if todo:
@@ -217,11 +245,15 @@ def _embed_partitions(
         progress.total = len(rows)
         for batch in _stream(cfg, cat, rows, dim):
             writer.add(batch)
-            progress.add(batch.num_rows, batch["embedding"].null_count)
+            progress.add(batch)
         if writer.pending or len(writer.records) != len(todo):
             missing = sorted(set(todo) - set(writer.records))
             raise JobError(f"stream ended with partitions incomplete: {missing[:10]}")
-    return time.monotonic() - t0, progress.steady_rate()
+    return {
+        "ray_start_s": round(t0 - ray_start, 3),
+        "pipeline_s": round(time.monotonic() - t0, 3),
+        **progress.timings(),
+    }
 
 
 def run(cfg: Config) -> EmbeddingsManifest:
@@ -247,22 +279,28 @@ def run(cfg: Config) -> EmbeddingsManifest:
     )
 
     writer = partitions.Writer(cfg.out, cfg.partition_size, cat)
-    seconds, steady = _embed_partitions(cfg, cat, model["dim"], todo, writer)
+    run_timings = _embed_partitions(cfg, cat, model["dim"], todo, writer)
+    seconds = run_timings["pipeline_s"]
     processed = sum(e + r for e, r in writer.records.values())
     records = [writer.records.get(i) or partitions.part_rows(cfg.out, i) for i in range(n_parts)]
     timings = {
         "started_unix": started,
         "total_s": round(time.time() - started, 3),
-        "pipeline_s": round(seconds, 3),
         "processed_this_run": processed,
+        # end to end: images / pipeline_s, the actors' start-up included
         "images_per_s": round(processed / seconds, 2) if processed else None,
-        "steady_images_per_s": _round(steady),
+        **run_timings,
     }
     manifest = partitions.write_manifest(
         cfg.out, model, cat, plan["fingerprint"], cfg.partition_size, records, timings
     )
     embedded, n_errors = manifest.counts["embedded"], manifest.counts["errors"]
-    rate = f"{processed / seconds:.1f} images/s" if processed else "nothing to do"
+    rate = "nothing to do"
+    if processed:
+        steady = timings["steady_images_per_s"]
+        rate = f"{processed / seconds:.1f} images/s end to end" + (
+            f" (steady {steady:.1f} while decoding ran)" if steady else ""
+        )
     print(
         f"[embed] done: {cat.num_rows:,} images, {embedded:,} embedded, {n_errors:,} errors "
         f"{manifest.counts['errors_by_code']}, {processed:,} processed this run at {rate}, "

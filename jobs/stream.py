@@ -62,7 +62,7 @@ from visual_search.feed import (
     list_feed,
     parse_file,
 )
-from visual_search.pipeline import EmbedBatch, decode_and_embed
+from visual_search.pipeline import EmbedBatch, decode_and_embed, start_worker
 from visual_search.updates import DELETE, UPSERT, Position, Update
 
 MAX_FILE_BYTES = 256 << 20
@@ -97,11 +97,8 @@ class _LiveEmbed(EmbedBatch):
     """EmbedBatch with the live version's own model: from_model_dict refuses other weights."""
 
     def __init__(self, model: dict, device: str | None, threads: int | None):
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.embedder = embedders.from_model_dict(model, device=device)
+        start_worker(threads)
+        self.ready(embedders.from_model_dict(model, device=device))
 
 
 def embed_uris(cfg: Config, model: dict, table: pa.Table) -> Iterator[pa.Table]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -88,6 +89,54 @@ def test_manifest_counts_and_files(data, result):
         assert storage.parquet_num_rows(storage.join(cfg.out, rec.path)) == rec.rows
     assert sum(r.rows for r in manifest.embeddings) == c["embedded"]
     assert manifest.timings["processed_this_run"] == len(rows)
+
+
+def test_timings_are_end_to_end_and_say_where_the_time_went(data, result):
+    _, _, rows = data
+    t = result[1].timings
+    assert t["images_per_s"] == round(len(rows) / t["pipeline_s"], 2)  # end to end
+    assert t["ray_start_s"] >= 0 and t["total_s"] >= t["pipeline_s"]
+    assert 0 < t["first_output_s"] <= t["pipeline_s"]
+    # The actors' model time is a share of the run; the rest of their time was input wait.
+    assert 0 < t["embed_actors_busy_s"] < t["pipeline_s"]
+    assert 0 <= t["embed_actors_waited_s"] < t["pipeline_s"]
+
+
+def _progress(points: list[tuple[float, int]], decode_end: float) -> embed_job._Progress:
+    progress = embed_job._Progress(100, every_s=1e9)
+    progress.start, progress.points, progress.decode_end = 0.0, points, decode_end
+    return progress
+
+
+def test_steady_rate_counts_only_while_decoding_ran():
+    # Both stages busy all along: 10 images/s from 25% to 75% of the rows.
+    even = [(t, 10 * t) for t in range(1, 11)]
+    assert _progress(even, decode_end=10.0).steady_rate() == pytest.approx(10.0)
+    # Decoding ended at t=6, ahead of the model, which then caught up alone at 40 images/s.
+    # The window stops at t=6: 10 images/s, where 25%..75% uncut would read 20.
+    ahead = [(3, 10), (4, 20), (5, 30), (6, 40), (6.5, 60), (7, 80), (7.5, 100)]
+    assert _progress(ahead, decode_end=6.0).steady_rate() == pytest.approx(10.0)
+    # Decoding was over before the window began: no steady state to report.
+    assert _progress(ahead, decode_end=5.5).steady_rate() is None
+    assert _progress(ahead, decode_end=5.5).first_output_s() == 3
+
+
+def test_decoding_threads_yield_the_cores_to_the_model(monkeypatch):
+    """decode_batch's threads run as SCHED_IDLE: on a shared machine the model keeps its cores."""
+    from visual_search import pipeline
+
+    policies = []
+
+    def record(uri, preprocess, limits):
+        policies.append(os.sched_getscheduler(0))  # Linux: the calling thread's
+        return None, "read_error", uri
+
+    monkeypatch.setattr(pipeline, "read_and_decode", record)
+    batch = pa.table({"row": [0, 1, 2], "image_uri": ["a", "b", "c"]})
+    out = pipeline.decode_batch(batch, images.Preprocess(224, "pad"), images.Limits())
+    assert out["detail"].to_pylist() == ["a", "b", "c"] and out.schema == pipeline.DECODED_SCHEMA
+    assert policies == [os.SCHED_IDLE] * 3
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the task's own thread is untouched
 
 
 def test_every_file_gets_the_right_outcome(data, result):

@@ -6,6 +6,9 @@ check shapes, normalisation and that a weights file is really loaded, not retrie
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +139,37 @@ def test_load_state_by_position_checks_shapes():
 def test_describe_without_building_matches_the_model(lite0):
     assert embedders.describe("efficientnet_lite0") == lite0.describe()
     assert embedders.describe("resnet50", random_weights=True)["weights"] == "random"
+
+
+KEEP_FREED_PROBE = """
+import resource, sys, threading
+import numpy as np
+from visual_search import devices
+if sys.argv[1] == "keep":
+    assert devices.keep_freed_memory()
+faults = []
+def loop():  # off the main thread, as a Ray actor runs its calls
+    for _ in range(6):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        x = np.ones(96 << 20, np.uint8)  # a batch activation: over glibc's mmap ceiling
+        del x
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+thread = threading.Thread(target=loop)
+thread.start()
+thread.join()
+print(sum(faults[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_kept_freed_memory_is_reused_without_page_faults():
+    """The embedding workers' allocator setting: a freed 96 MB tensor is reused in place
+    (no fresh, zero-filled pages from the kernel), where by default each one is mapped anew."""
+
+    def faults(mode: str) -> int:
+        cmd = [sys.executable, "-c", KEEP_FREED_PROBE, mode]
+        return int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+    huge_pages = (96 << 20) // (2 << 20)  # numpy asks for transparent huge pages: the fewest
+    assert faults("default") >= 4 * huge_pages  # each allocation faults its pages in again
+    assert faults("keep") < huge_pages

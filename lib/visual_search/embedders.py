@@ -79,7 +79,10 @@ class Embedder:
             )
         if len(pixels) == 0:
             return np.zeros((0, self.dim), np.float32)
-        feats = self._forward(torch.from_numpy(np.require(pixels, requirements=["C", "W"])))
+        x = torch.from_numpy(np.require(pixels, requirements=["C", "W"]))
+        if self.device.type == "cuda":  # page-locked: the copy to the GPU runs asynchronously
+            x = x.pin_memory()
+        feats = self._forward(x)
         feats = torch.nn.functional.normalize(feats.float(), dim=1)
         return feats.cpu().numpy().astype(np.float32, copy=False)
 
