@@ -199,6 +199,7 @@ def _pipeline(cfg: Config, blocks: list[pa.Table], concurrency: int, gpus: float
         "preprocess": embedders.preprocess_for(cfg.model, cfg.preprocess),
         "limits": cfg.limits,
         "batch_size": cfg.decode_batch_size,
+        "yield_cores": True,  # the model keeps its cores; decoding takes what it leaves
     }
     model = (
         cfg.model,

@@ -122,7 +122,8 @@ def test_steady_rate_counts_only_while_decoding_ran():
 
 
 def test_decoding_threads_yield_the_cores_to_the_model(monkeypatch):
-    """decode_batch's threads run as SCHED_IDLE: on a shared machine the model keeps its cores."""
+    """The embed job's decode threads run as SCHED_IDLE: on a shared machine the model keeps its
+    cores."""
     from visual_search import pipeline
 
     policies = []
@@ -133,10 +134,13 @@ def test_decoding_threads_yield_the_cores_to_the_model(monkeypatch):
 
     monkeypatch.setattr(pipeline, "read_and_decode", record)
     batch = pa.table({"row": [0, 1, 2], "image_uri": ["a", "b", "c"]})
-    out = pipeline.decode_batch(batch, images.Preprocess(224, "pad"), images.Limits())
+    pre, limits = images.Preprocess(224, "pad"), images.Limits()
+    out = pipeline.decode_batch(batch, pre, limits, yield_cores=True)
     assert out["detail"].to_pylist() == ["a", "b", "c"] and out.schema == pipeline.DECODED_SCHEMA
     assert policies == [os.SCHED_IDLE] * 3
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the task's own thread is untouched
+    pipeline.decode_batch(batch, pre, limits)  # the stream job's: at the worker's priority
+    assert policies[3:] == [os.SCHED_OTHER] * 3
 
 
 def test_every_file_gets_the_right_outcome(data, result):

@@ -46,11 +46,11 @@ def read_and_decode(
         return None, "decode_error", f"{type(exc).__name__}: {exc}"[:DETAIL_MAX]
 
 
-# Where decoding and the model share a machine's cores, decoding threads run as SCHED_IDLE
-# (nice 19 where that is refused): the model's threads keep their cores (one preempted thread
-# stalls every step of a batch) and decoding takes what the model leaves. Against plain
-# threads and nice 10, SCHED_IDLE gave the shortest job on 1,000 1200x1600 JPEGs and PNGs on
-# 2 cores (bench/embed.py --large measures the job).
+# Where decoding and the model share a machine's cores, the embed job's decoding threads run
+# as SCHED_IDLE (nice 19 where that is refused): the model's threads keep their cores (one
+# preempted thread stalls every step of a batch) and decoding takes what the model leaves.
+# Against plain threads and nice 10, SCHED_IDLE gave the shortest job on 1,000 1200x1600
+# JPEGs and PNGs on 2 cores (bench/embed.py --large measures the job).
 def _lower_priority() -> None:
     tid = threading.get_native_id()
     try:
@@ -61,16 +61,23 @@ def _lower_priority() -> None:
 
 
 def decode_batch(
-    batch: pa.Table, preprocess: images.Preprocess, limits: images.Limits, io_threads: int = 8
+    batch: pa.Table,
+    preprocess: images.Preprocess,
+    limits: images.Limits,
+    io_threads: int = 8,
+    yield_cores: bool = False,
 ) -> pa.Table:
-    """Ray Data UDF: (row, image_uri) -> (row, pixels | null, error, detail).
+    """Ray Data UDF: (row, image_uri) -> (row, pixels | null, error, detail, decoded_at).
 
     Reads overlap in a small thread pool (object stores are latency bound); Pillow releases the
-    GIL while decoding, so the threads also share the task's cores.
+    GIL while decoding, so the threads also share the task's cores. `yield_cores`: the threads
+    run at the lowest priority (the batch embed job; not the stream job, whose updates must not
+    wait while a service on the same machine is busy).
     """
     uris = batch["image_uri"].to_pylist()
     threads = min(io_threads, max(1, len(uris)))
-    with ThreadPoolExecutor(threads, initializer=_lower_priority) as pool:
+    init = _lower_priority if yield_cores else None
+    with ThreadPoolExecutor(threads, initializer=init) as pool:
         results = list(pool.map(lambda u: read_and_decode(u, preprocess, limits), uris))
     pixels, errors, details = zip(*results, strict=True) if results else ((), (), ())
     return pa.table(
@@ -167,8 +174,9 @@ DECODE_CPUS = 0.5
 
 def decode_and_embed(ds, decode: dict, embed: dict, gpus: float, concurrency: int):
     """Ray Data stages over a dataset of (row, image_uri) blocks: decode_batch in CPU tasks
-    (`decode`: preprocess, limits, batch_size), then an embedding actor pool (`embed`: cls,
-    args, batch_size), a GPU per actor when `gpus`."""
+    (`decode`: preprocess, limits, batch_size, yield_cores), then an embedding actor pool
+    (`embed`: cls, args, batch_size), a GPU per actor when `gpus`; the actors keep freed
+    tensors (devices.KEEP_FREED_ENV)."""
     import ray
 
     from visual_search import cluster
@@ -176,7 +184,11 @@ def decode_and_embed(ds, decode: dict, embed: dict, gpus: float, concurrency: in
     env = cluster.runtime_env()
     ds = ds.map_batches(
         decode_batch,
-        fn_kwargs={"preprocess": decode["preprocess"], "limits": decode["limits"]},
+        fn_kwargs={
+            "preprocess": decode["preprocess"],
+            "limits": decode["limits"],
+            "yield_cores": decode.get("yield_cores", False),
+        },
         batch_size=decode["batch_size"],
         batch_format="pyarrow",
         num_cpus=DECODE_CPUS,
