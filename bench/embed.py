@@ -59,10 +59,17 @@ def measure_decode(uris: list[str], workers: int) -> tuple[float, np.ndarray]:
     return len(uris) / seconds, pixels
 
 
-def measure_model(pixels: np.ndarray, batch_size: int, threads: int) -> float:
+def measure_model(pixels: np.ndarray, batch_size: int, threads: int, keep_freed=True) -> float:
+    """The bare model's images/s; set up as the job's actors are (threads, freed tensors kept)
+    unless `keep_freed` is False (glibc's defaults, for --model-sweep)."""
+    import torch
+
     from visual_search.pipeline import start_worker
 
-    start_worker(threads)  # as the job's actors set up: threads, freed tensors kept
+    if keep_freed:
+        start_worker(threads)
+    else:
+        torch.set_num_threads(threads)
     emb = embedders.create(device="cpu")
     emb.embed(pixels[:batch_size])
     t = time.perf_counter()
@@ -130,17 +137,17 @@ def _job_runs(catalog_uri: str, work: str, runs: int, batch_size: int) -> dict:
 
 
 def large(args, cores: int) -> dict:
-    """The --large figures: {format: {a, b, limit, size: job figures}}."""
+    """The --large figures: {format: {a, b, limit, size: job figures, memory_N}}."""
     import ray
 
     from bench import large_catalog
 
-    out = {}
+    out, sizes, smallest = {}, [int(x) for x in args.sizes.split(",") if x], {}
     for fmt in ("jpeg", "png"):
-        sizes = [int(x) for x in args.sizes.split(",") if x]
         uris = {n: large_catalog.make(args.large_dir, fmt, n) for n in sizes}
+        smallest[fmt] = uris[min(sizes)]
         a, pixels = measure_decode(
-            storage.read_parquet(uris[min(sizes)])["image_uri"].to_pylist(), cores
+            storage.read_parquet(smallest[fmt])["image_uri"].to_pylist(), cores
         )
         b = measure_model(pixels, args.batch_size, cores)
         limit = 1 / (1 / a + 1 / b)
@@ -163,12 +170,12 @@ def large(args, cores: int) -> dict:
                   flush=True)  # fmt: skip
         out[fmt] = fig
     ray.shutdown()  # the memory runs start their own Ray, as a fresh job does
-    for fmt in out:
-        n = min(int(x) for x in args.sizes.split(",") if x)
-        uri = large_catalog.make(args.large_dir, fmt, n)
+    for fmt, uri in smallest.items():
         m = measure_memory(uri, tempfile.mkdtemp(prefix="bench-embed-"))
-        out[fmt][f"memory_{n}"] = m
-        print(f"{fmt} {n} memory_peak_pss_mib {m['peak_pss_bytes'] / 2**20:.0f}", flush=True)
+        out[fmt][f"memory_{min(sizes)}"] = m
+        print(
+            f"{fmt} {min(sizes)} memory_peak_pss_mib {m['peak_pss_bytes'] / 2**20:.0f}", flush=True
+        )
     return {"cores": cores, "batch_size": args.batch_size, **out}
 
 
@@ -180,11 +187,9 @@ def model_sweep(args, cores: int) -> dict:
         for batch in (8, 16, 32, 64):
             code = (
                 "import sys; sys.path.insert(0, sys.argv[1]); import numpy as np; "
-                "from bench import embed as e; from visual_search import devices; "
-                "keep = devices.keep_freed_memory; "
-                "devices.keep_freed_memory = keep if sys.argv[2] == '1' else (lambda: False); "
+                "from bench import embed as e; "
                 "px = np.random.default_rng(0).integers(0, 256, (256, 224, 224, 3), np.uint8); "
-                "print(e.measure_model(px, int(sys.argv[3]), int(sys.argv[4])))"
+                "print(e.measure_model(px, int(sys.argv[3]), int(sys.argv[4]), sys.argv[2] == '1'))"
             )
             cmd = [sys.executable, "-c", code, REPO, str(int(keep)), str(batch), str(cores)]
             rate = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
@@ -204,15 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--memory-sizes", default="1000,8000")
     p.add_argument("--cache", default=os.path.join(REPO, ".cache"))
-    p.add_argument("--json", default=os.path.join(REPO, "bench", "results", "embed.json"))
+    p.add_argument("--json", help="default: bench/results/embed[-large|-model-sweep].json")
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
 
     cores = devices.cpu_count()
-    if args.large or args.model_sweep:
-        suffix = "-large.json" if args.large else "-model-sweep.json"
-        if args.json.endswith("embed.json"):
-            args.json = args.json[: -len(".json")] + suffix
+    mode = "-large" if args.large else "-model-sweep" if args.model_sweep else ""
+    args.json = args.json or os.path.join(REPO, "bench", "results", f"embed{mode}.json")
+    if mode:
         storage.write_json(args.json, (large if args.large else model_sweep)(args, cores))
         print(f"wrote {args.json}", flush=True)
         return 0

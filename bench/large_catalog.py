@@ -41,7 +41,7 @@ def _distinct(out: str, fmt: str, n: int) -> list[str]:
     from PIL import Image
 
     ext, options = FORMATS[fmt]
-    folder = os.path.join(out, f"{fmt}-distinct")
+    folder = os.path.join(out, f"{fmt}-distinct-{n}")  # file i is the i-th of n sources
     os.makedirs(folder, exist_ok=True)
     paths = []
     for i, src in enumerate(_sources(n)):

@@ -6,6 +6,7 @@ check shapes, normalisation and that a weights file is really loaded, not retrie
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from conftest import CHINA, FLOWER, draw_product
 
-from visual_search import embedders, images
+from visual_search import devices, embedders, images
 
 DAISY, PALACE = 985, 698
 
@@ -166,10 +167,13 @@ def test_kept_freed_memory_is_reused_without_page_faults():
     """The embedding workers' allocator setting: a freed 96 MB tensor is reused in place
     (no fresh, zero-filled pages from the kernel), where by default each one is mapped anew."""
 
-    def faults(mode: str) -> int:
+    def faults(mode: str, env: dict | None = None) -> int:
         cmd = [sys.executable, "-c", KEEP_FREED_PROBE, mode]
-        return int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+        env = {**os.environ, **(env or {})}
+        return int(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout)
 
     huge_pages = (96 << 20) // (2 << 20)  # numpy asks for transparent huge pages: the fewest
     assert faults("default") >= 4 * huge_pages  # each allocation faults its pages in again
     assert faults("keep") < huge_pages
+    # The embedding actors get the same setting from their environment (runtime_env).
+    assert faults("default", devices.KEEP_FREED_ENV) < huge_pages

@@ -54,17 +54,18 @@ def faiss_gpus() -> int:
 # A CNN's batch activations (efficientnet_lite0, batch 32: up to 154 MB) were mapped,
 # page-faulted and unmapped on every layer of every call, and the kernel spent as long as the
 # model. One arena and freed blocks kept in the heap double the CPU forward pass (batch 32,
-# 2 threads: 70 -> 146 images/s, the same peak RSS; bench/embed.py --model-sweep). Only for
-# processes that do batch work: their heap no longer shrinks.
+# 2 threads: 69 -> 143 images/s; bench/embed.py --model-sweep). Only for processes that do
+# batch work: their heap no longer shrinks.
 KEEP_FREED_BYTES = 1 << 30
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+# glibc's tunable: (mallopt option, value); the environment variable of the same setting.
+_KEEP_FREED = {
+    "MALLOC_ARENA_MAX": (-8, 1),
+    "MALLOC_MMAP_THRESHOLD_": (-3, KEEP_FREED_BYTES),
+    "MALLOC_TRIM_THRESHOLD_": (-1, KEEP_FREED_BYTES),
+}
 # The same for a process from its start (a Ray actor's runtime_env): a thread that allocated
 # before mallopt keeps its own arena.
-KEEP_FREED_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_THRESHOLD_": str(KEEP_FREED_BYTES),
-    "MALLOC_TRIM_THRESHOLD_": str(KEEP_FREED_BYTES),
-}
+KEEP_FREED_ENV = {name: str(value) for name, (_, value) in _KEEP_FREED.items()}
 
 
 def keep_freed_memory() -> bool:
@@ -74,9 +75,7 @@ def keep_freed_memory() -> bool:
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    options = ((_M_MMAP_THRESHOLD, KEEP_FREED_BYTES), (_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
-    return all([mallopt(option, value) for option, value in (*options, (_M_ARENA_MAX, 1))])
+    return all([mallopt(option, value) for option, value in _KEEP_FREED.values()])

@@ -48,9 +48,8 @@ def read_and_decode(
 
 # Where decoding and the model share a machine's cores, the embed job's decoding threads run
 # as SCHED_IDLE (nice 19 where that is refused): the model's threads keep their cores (one
-# preempted thread stalls every step of a batch) and decoding takes what the model leaves.
-# Against plain threads and nice 10, SCHED_IDLE gave the shortest job on 1,000 1200x1600
-# JPEGs and PNGs on 2 cores (bench/embed.py --large measures the job).
+# preempted thread stalls every step of a batch) and decoding takes what the model leaves
+# (bench/embed.py --large measures the job and how long the model waited for input).
 def _lower_priority() -> None:
     tid = threading.get_native_id()
     try:
