@@ -81,7 +81,10 @@ def prepare(args, work: str) -> tuple[str, list[str]]:
     n_filler = max(0, args.vectors - subset.num_rows)
     combined, _ = write_combined(real, os.path.join(work, "combined"), n_filler, 10, args.seed, 2)
     root = os.path.join(work, "index")
-    build_index.run(build_index.Config(embeddings=combined, index_root=root, shards=args.shards))
+    # POST /search with a photo uses no text tower: not trained here (minutes on 100k rows).
+    cfg = build_index.Config(embeddings=combined, index_root=root, shards=args.shards,
+                             text_tower=False)  # fmt: skip
+    build_index.run(cfg)
     photos = [u for u in subset["image_uri"].to_pylist() if os.path.exists(u)]
     if not photos:
         raise SystemExit(f"no local photos in {args.catalog}")
@@ -118,6 +121,7 @@ def stats(samples: list, t0: float = 0.0, t1: float = math.inf) -> dict:
     window = [s for s in samples if t0 <= s[0] < t1]
     ok = np.array([s[1] for s in window if s[2] == "200"])
     statuses = Counter(s[2] for s in window)
+    reasons = Counter(f"{s[2]} {s[3]}" for s in window if len(s) > 3)
     span = (min(t1, max((s[0] for s in window), default=t0)) - t0) or 1e-9
     errors = {k: v for k, v in statuses.items() if k not in ("200", "429", "503")}
     return {
@@ -126,6 +130,7 @@ def stats(samples: list, t0: float = 0.0, t1: float = math.inf) -> dict:
         "errors": sum(errors.values()),  # neither a 200 nor a JSON 429/503
         "error_kinds": errors,
         "non_200": len(window) - len(ok),
+        "error_codes": dict(reasons),
         "ok_per_s": round(len(ok) / span, 2),
         "p50_ms": round(float(np.percentile(ok, 50)), 1) if len(ok) else None,
         "p99_ms": round(float(np.percentile(ok, 99)), 1) if len(ok) else None,

@@ -3,12 +3,14 @@
 Run by bench/load.py in its own process (locust's gevent patches sockets and threads, which
 Ray's driver must not see), configured by environment variables:
 - LOAD_PLAN: JSON list of stages {"seconds", "users", "rate"}: `users` users for `seconds`,
-  each sending at most `rate` requests per second (0: closed loop, the next request as soon as
-  the last is answered). The run stops after the last stage (locust's LoadTestShape).
+  each sending `rate` requests per second as a Poisson process while answers keep up (0:
+  closed loop, the next request as soon as the last is answered). The run stops after the
+  last stage (locust's LoadTestShape).
 - LOAD_PHOTOS: a file of photo paths, one per line, sent in turn (JPEG or PNG).
 - LOAD_OUT: where the samples go at the end, as JSON: [[t_start_s, latency_ms, status], ...]
   with t_start_s from the start of the run and status the HTTP code, "<code>-not-json" for an
-  error answer that is not JSON, or the client error's name (timeouts included).
+  error answer that is not JSON, or the client error's name (timeouts included); a JSON
+  429/503 adds a fourth field, its error code ("overloaded", "stale", ...).
 - LOAD_TIMEOUT: per-request timeout in seconds (default 30).
 """
 
@@ -18,6 +20,7 @@ import itertools
 import json
 import mimetypes
 import os
+import random
 import time
 
 from locust import FastHttpUser, LoadTestShape, events, task
@@ -63,17 +66,30 @@ def classify(code: int, content_type: str | None, error: Exception | None) -> st
     return str(code)
 
 
+def error_code(body: bytes | None) -> str | None:
+    """The "error.code" of a JSON error answer (Contract 4), else None."""
+    try:
+        return json.loads(body or b"")["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class Shopper(FastHttpUser):
     network_timeout = TIMEOUT
     connection_timeout = TIMEOUT
 
     def wait_time(self) -> float:
+        """Paced users send as a Poisson process of their stage's rate (exponential gaps from
+        one send to the next, the first at a random offset): users paced at a constant gap
+        stay in step and arrive as one burst per gap, which admission control halves."""
         stage = stage_at(time.monotonic() - START)
         rate = stage["rate"] if stage else 0
         if not rate:
             return 0.0
         last = getattr(self, "_last_start", None)
-        return 0.0 if last is None else max(0.0, 1.0 / rate - (time.monotonic() - last))
+        if last is None:
+            return random.uniform(0, 1.0 / rate)
+        return max(0.0, random.expovariate(rate) - (time.monotonic() - last))
 
     @task
     def search(self) -> None:
@@ -88,7 +104,9 @@ class Shopper(FastHttpUser):
             # 429/503 are the service's admission control answering as it should.
             if code in (200, 429, 503) and not status.endswith("not-json"):
                 resp.success()
-        SAMPLES.append([round(t0 - START, 3), round((time.monotonic() - t0) * 1000, 1), status])
+            why = error_code(resp.content) if status in ("429", "503") else None
+        row = [round(t0 - START, 3), round((time.monotonic() - t0) * 1000, 1), status]
+        SAMPLES.append(row + [why] if why else row)
 
 
 class Plan(LoadTestShape):
