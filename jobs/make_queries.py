@@ -1,7 +1,7 @@
 """Make an instance-level query set from a catalog by re-photographing its photos synthetically.
 
     python jobs/make_queries.py --catalog URI --out URI [--per-product 1] [--limit N] [--seed 0]
-        [--profile query|shopper] [--threads 8] [--s3-endpoint URL]
+        [--profile query|shopper|train] [--threads 8] [--s3-endpoint URL]
 
 For each sampled product (--limit: how many products, seeded; default all), --per-product
 queries, each from one of its photos (seeded pick), transformed as a shopper's photo of it
@@ -11,6 +11,8 @@ the border, where transparent sources end up too, replaced by a random colour, g
 noise), brightness / contrast / saturation / white-balance shifts, JPEG recompression at quality
 50-90. `--profile shopper` is a second, independent distribution: crop keeping 70-90% of each
 side, rotation up to ±10°, the background kept, the same colour shifts, JPEG quality 40.
+`--profile train` (the tuning stage's training views) spans both and more: crop keeping 65-95%,
+±15°, the background replaced in half of the photos and kept in the other half, JPEG 30-90.
 Every query has its own generator seeded from (--seed, query number), so the output is
 byte-identical for a seed whatever the thread timing.
 
@@ -53,10 +55,14 @@ class QueryGenError(ValueError):
     """No query set can be made from this input."""
 
 
-# name -> (crop share range, largest rotation, background replaced, JPEG quality range [lo, hi))
+# name -> (crop share range, largest rotation, share of queries whose background is replaced,
+# JPEG quality range [lo, hi)). "train" (the tuning stage's views) covers both of the others and
+# more: tighter crops, harder compression, and half of the backgrounds kept, as a shopper's
+# photo of a studio shot keeps its (colour-shifted) backdrop.
 PROFILES = {
-    "query": (CROP, MAX_ROTATE, True, (50, 91)),
-    "shopper": ((0.7, 0.9), 10.0, False, (40, 41)),
+    "query": (CROP, MAX_ROTATE, 1.0, (50, 91)),
+    "shopper": ((0.7, 0.9), 10.0, 0.0, (40, 41)),
+    "train": ((0.65, 0.95), MAX_ROTATE, 0.5, (30, 91)),
 }
 
 
@@ -82,7 +88,7 @@ def image_name(j: int) -> str:
 
 def draw_params(rng: np.random.Generator, profile: str = "query") -> dict:
     """One query's augmentation parameters (rounded as recorded, and applied as recorded)."""
-    crop, max_rotate, replace_background, jpeg = PROFILES[profile]
+    crop, max_rotate, replace_share, jpeg = PROFILES[profile]
 
     def u(lo: float, hi: float, digits: int = 4) -> float:
         return round(float(rng.uniform(lo, hi)), digits)
@@ -92,11 +98,11 @@ def draw_params(rng: np.random.Generator, profile: str = "query") -> dict:
     colours = rng.integers(0, 256, (2, 3)).tolist()
     rotate = u(-max_rotate, max_rotate, 2)  # drawn in this order: seeds keep their queries
     kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-    return {
+    params = {
         "crop": [left, top, round(left + w, 4), round(top + h, 4)],
         "rotate_deg": rotate,
         "background": {
-            "kind": kind if replace_background else "kept",
+            "kind": kind if replace_share >= 1 else "kept",
             "colours": colours,
             "angle_deg": u(0, 360, 1),
             "seed": int(rng.integers(2**31)),
@@ -107,6 +113,10 @@ def draw_params(rng: np.random.Generator, profile: str = "query") -> dict:
         "channel_gain": [u(0.9, 1.1) for _ in range(3)],
         "jpeg_quality": int(rng.integers(*jpeg)),
     }
+    # Drawn last, and only for a mixed profile: the other profiles' seeds keep their queries.
+    if 0 < replace_share < 1 and rng.uniform() < replace_share:
+        params["background"]["kind"] = kind
+    return params
 
 
 def background_mask(img: Image.Image) -> np.ndarray:

@@ -1,13 +1,15 @@
 """Tune the model to the catalog: the stage `jobs/reindex.py` runs between embed and build.
 
     python jobs/tune.py --embeddings URI --index-root URI --out URI [--method finetune|head]
-        [--labels category] [--eval-products 600] [--views 2] [--finetune-epochs 5]
+        [--labels category] [--eval-products 600] [--views 2] [--view-profile train]
+        [--finetune-epochs 5]
         [--from-block 5] [--epochs 15] [--seed 0]
 
 1. Products are split by a seeded hash of their id: 60% train, 20% validation, 20% test.
 2. --method finetune (the default; no labels needed): the backbone's last two stages (from
    block --from-block; see finetune.Settings for the measurement that chose it) are trained on
-   --views synthetic re-photographs (jobs/make_queries.py's augmentations) of every train photo
+   --views synthetic re-photographs (jobs/make_queries.py's augmentations, --view-profile; the
+   held-out queries use its "query" profile) of every train photo
    with a contrastive loss (lib/visual_search/finetune.py; the GPU when there is one). Held-out
    re-photographs of up to --eval-products products per split are searched among the whole
    catalog after each epoch; the epoch with the best validation instance recall@1 is kept
@@ -65,6 +67,7 @@ class Config:
     s3_endpoint: str | None = None
     method: str = "finetune"  # see METHODS
     views: int = 2  # finetune: synthetic re-photographs per train photo
+    view_profile: str = "train"  # finetune: make_queries profile of those views
     finetune_epochs: int = 5
     from_block: int = finetune.Settings.at
     # Feature maps are held in memory: 44 KB each at block 5, about 2.3 per catalog image.
@@ -195,6 +198,9 @@ def run(cfg: Config) -> dict:
         storage.configure(cfg.s3_endpoint)
     if cfg.method not in METHODS:
         raise TuneError(f"unknown --method {cfg.method!r}; known: {', '.join(METHODS)}")
+    if cfg.view_profile not in make_queries.PROFILES:
+        known = ", ".join(make_queries.PROFILES)
+        raise TuneError(f"unknown --view-profile {cfg.view_profile!r}; known: {known}")
     ds = embeddings.open_dataset(cfg.embeddings)
     model = ds.manifest.model
     if "head" in model:
@@ -305,7 +311,7 @@ def _finetune(cfg: Config, ds, data, base: dict, started: float) -> dict:
 
     catalog_maps = maps(np.arange(len(sources)), None)
     query_maps = {s: maps(rows, "query") for s, rows in queries.items()}
-    view_maps = maps(view_rows, "query")
+    view_maps = maps(view_rows, cfg.view_profile)
 
     def measure(split: str, catalog_vectors: np.ndarray | None = None) -> dict:
         g = tail.vectors(catalog_maps) if catalog_vectors is None else catalog_vectors
@@ -326,7 +332,8 @@ def _finetune(cfg: Config, ds, data, base: dict, started: float) -> dict:
     record = _decided(cfg, report, base, train_s)
     record["queries"] = int(sum(len(r) for r in queries.values()))
     record["trained"] = {"method": METHODS["finetune"], "from_block": settings.at,
-                         "views": int(len(view_rows)), "epochs": settings.epochs,
+                         "views": int(len(view_rows)), "view_profile": cfg.view_profile,
+                         "epochs": settings.epochs,
                          "lr": settings.lr, "temperature": settings.temperature,
                          "keep": settings.keep, "device": str(tail.device)}  # fmt: skip
     record["seconds"] = round(time.time() - started, 1)
@@ -355,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=Config.seed)
     p.add_argument("--method", choices=sorted(METHODS), default=Config.method)
     p.add_argument("--views", type=int, default=Config.views, help="finetune: views per photo")
+    p.add_argument(
+        "--view-profile",
+        default=Config.view_profile,
+        choices=sorted(make_queries.PROFILES),
+        help="finetune: the views' profile",
+    )
     p.add_argument("--finetune-epochs", type=int, default=Config.finetune_epochs)
     p.add_argument("--from-block", type=int, default=Config.from_block,
                    help="finetune: first trained block of the backbone (1-6)")  # fmt: skip

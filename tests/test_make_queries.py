@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -154,3 +155,29 @@ def test_nothing_usable_exits_2(tmp_path, capsys):
     assert "[make_queries] error:" in capsys.readouterr().err
     assert not (tmp_path / "q" / "queries.parquet").exists()
     assert make_queries.main(["--catalog", str(tmp_path / "none.csv"), "--out", "x"]) == 2
+
+
+def test_profiles_keep_their_draws_and_train_mixes_backgrounds():
+    """The mixed "train" profile keeps about half of the backgrounds and spans the other two
+    profiles' crops and JPEG qualities; adding it left their seeded draws as they were."""
+
+    def draws(profile, n=400):
+        rng = np.random.default_rng(7)
+        return [make_queries.draw_params(rng, profile) for _ in range(n)]
+
+    train = draws("train")
+    kept = sum(p["background"]["kind"] == "kept" for p in train)
+    assert 0.4 * len(train) < kept < 0.6 * len(train)
+    sides = [p["crop"][2] - p["crop"][0] for p in train]
+    assert min(sides) < 0.7 and max(sides) > 0.9
+    quality = [p["jpeg_quality"] for p in train]
+    assert min(quality) < 40 and max(quality) > 85
+    assert all(p["background"]["kind"] != "kept" for p in draws("query"))
+    assert all(p["background"]["kind"] == "kept" for p in draws("shopper"))
+    # "train" draws what "query" draws, then one number more: the pure profiles' streams are
+    # the ones their seeds were made with.
+    rng, after_train = np.random.default_rng(7), np.random.default_rng(7)
+    make_queries.draw_params(rng, "query")
+    make_queries.draw_params(after_train, "train")
+    rng.uniform()
+    assert after_train.uniform() == rng.uniform()

@@ -3,6 +3,7 @@ and jobs/tune.py + jobs/reindex.py on a tiny generated catalog (real Ray, real m
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -204,6 +205,9 @@ def test_finetune_measures_decides_and_records(backbone, tmp_path, monkeypatch):
     # epoch 0 is the frozen model: its validation figure is the untuned one
     assert record["history"][0]["val_r1"] == record["untuned"]["val"]["instance_r1"]
     assert record["trained"]["views"] == 2 * record["products"]["train"]  # one photo each
+    assert record["trained"]["view_profile"] == "train"
+    with pytest.raises(tune.TuneError, match="view-profile"):
+        tune.run(dataclasses.replace(cfg, view_profile="studio"))
 
     monkeypatch.setattr(tuning, "decide", lambda *a: (True, "forced: kept"))
     record = tune.run(cfg)
