@@ -13,7 +13,8 @@
 4. Queries (jobs/make_queries.py --profile shopper, seed 1: crop keeping 70-90%, ±10°, colour
    shifts, JPEG 40; another distribution and seed than the tuning stage's own held-out queries)
    of up to --products test and train products, searched among the whole catalog through
-   jobs/evaluate.py, the service's query path, re-rank included: instance recall@1/@10.
+   jobs/evaluate.py, the service's query path, re-rank and backdrop white balance included
+   (and the tuned model once without the balance): instance recall@1/@10.
    Category precision@10 of /similar: jobs/evaluate.py --leave-one-out over the same products
    (own category first, as /similar answers), and of the nearest products alone
    (category_p10_nearest, --any-category: what the model's vectors give by themselves).
@@ -83,11 +84,16 @@ def evaluate_once(out: str, cfg: evaluate.Config) -> dict:
         return json.load(f)
 
 
-def figures(root: str, queries: str, products: list[str], out: str, rerank: int) -> dict:
-    """Instance figures of the queries (re-ranked or not) and /similar's over the products."""
+def figures(
+    root: str, queries: str, products: list[str], out: str, rerank: int, backdrop: bool = True
+) -> dict:
+    """Instance figures of the queries (re-ranked or not; backdrop balanced or not, as POST
+    /search's backdrop_balance) and /similar's over the products."""
     inst = evaluate_once(
-        f"{out}-instance-rerank{rerank}",
-        evaluate.Config(index_root=root, queries=queries, ks=(1, 10), rerank=rerank),
+        f"{out}-instance-rerank{rerank}" + ("" if backdrop else "-raw"),
+        evaluate.Config(
+            index_root=root, queries=queries, ks=(1, 10), rerank=rerank, backdrop_balance=backdrop
+        ),
     )
     similar = evaluate.Config(
         index_root=root, leave_one_out=True, ks=(10,), limit=0, products=tuple(products)
@@ -163,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
                 out = w(f"eval-{name}_{split}")
                 results[key] = figures(w(name), queries, chosen, out, rr)
                 print(key, " ".join(f"{k} {v}" for k, v in results[key].items()), flush=True)
+        # The service's query-side backdrop white balance off (backdrop_balance=False).
+        key = f"tuned_{split}_no_backdrop_balance"
+        out = w(f"eval-tuned_{split}")
+        results[key] = figures(w("tuned"), queries, chosen, out, a.rerank, backdrop=False)
+        print(key, " ".join(f"{k} {v}" for k, v in results[key].items()), flush=True)
     _once(
         w("emb-avg", "manifest.json"),
         lambda: embed.run(embed.Config(a.catalog, w("emb-avg"), model="efficientnet_lite0")),

@@ -13,7 +13,8 @@ validation and test queries, over the whole catalog (exact cosine, one row per p
 4. catalog crop views: each catalog photo also embedded from its centre 80%, a product scoring
    its best view;
 5. query white balance: the query's border colour, when near-uniform and bright (a backdrop),
-   scaled to white per channel (von Kries), before preprocessing.
+   scaled to white per channel (von Kries: images.balance_backdrop, what POST /search now
+   does), before preprocessing; then with the service's re-rank, alone and with the flip.
 Each lever's setting is the best on validation (ties: the simplest); test is reported for it.
 Prints `key value` lines and writes --json.
 """
@@ -21,6 +22,7 @@ Prints `key value` lines and writes --json.
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import os
@@ -35,7 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bench import quality  # noqa: E402
-from visual_search import catalog, embedders, embeddings, storage, tuning, verify  # noqa: E402
+from visual_search import catalog, embedders, embeddings, images, storage, tuning, verify  # noqa: E402
 
 SHORTLIST = 30
 
@@ -78,17 +80,6 @@ def crop_centre(img: Image.Image, keep: float) -> Image.Image:
     return img.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
 
 
-def white_balance(img: Image.Image, ring: float = 0.04, max_spread: float = 18.0, min_level=90):
-    """img with its border colour scaled to white, when the border looks like a backdrop."""
-    a = np.asarray(img, np.float32)
-    r = max(2, int(min(a.shape[:2]) * ring))
-    border = np.concatenate([e.reshape(-1, 3) for e in (a[:r], a[-r:], a[:, :r], a[:, -r:])])
-    med = np.median(border, 0)
-    if np.median(np.abs(border - med), 0).max() > max_spread or med.mean() < min_level:
-        return img
-    return Image.fromarray(np.clip(a * (255.0 / np.maximum(med, 1.0)), 0, 255).astype(np.uint8))
-
-
 def recall(ranked: np.ndarray, truth: np.ndarray) -> dict:
     return {"r1": round(float(np.mean(ranked[:, 0] == truth)), 4),
             "r10": round(float(np.mean((ranked[:, :10] == truth[:, None]).any(1))), 4)}  # fmt: skip
@@ -105,22 +96,30 @@ class Split:
         pixels = [pre(p) for p in photos]
         self.q = embed_all(model, pixels)
         self.q_flip = embed_all(model, [p[:, ::-1].copy() for p in pixels])
-        self.q_wb = embed_all(model, [pre(white_balance(p)) for p in photos])
+        self.pixels_wb = [pre(images.balance_backdrop(p)) for p in photos]
+        self.q_wb = embed_all(model, self.pixels_wb)
         self.pixels = pixels
         self.scores = cat.grouped(self.q @ cat.x.T)
         self.top = np.argsort(-self.scores, 1)[:, :SHORTLIST]
 
-    def inliers(self, cat: Catalog, pre, cache: verify.FeatureCache) -> np.ndarray:
+    def inliers(self, cat: Catalog, pre, cache: verify.FeatureCache, wb: bool = False):
         """(q, SHORTLIST) inliers between each query and its candidates' first photo."""
         first = {p: j for j, p in reversed(list(enumerate(cat.inv)))}
         out = np.zeros(self.top.shape, np.int32)
         with ThreadPoolExecutor(4) as pool:
             for i, cand in enumerate(self.top):
-                qf = verify.local_features(self.pixels[i])
+                qf = verify.local_features((self.pixels_wb if wb else self.pixels)[i])
                 rows = [first[c] for c in cand]
                 feats = pool.map(lambda j: cache.get_or_read(j, cat.uri[j], pre), rows)
                 out[i] = [0 if f is None else verify.inliers(qf, f) for f in feats]
         return out
+
+    def with_queries(self, cat: Catalog, q: np.ndarray) -> Split:
+        """A copy whose scores and shortlists are those of other query vectors."""
+        other = copy.copy(self)
+        other.q, other.scores = q, cat.grouped(q @ cat.x.T)
+        other.top = np.argsort(-other.scores, 1)[:, :SHORTLIST]
+        return other
 
 
 def reranked(split: Split, inl: np.ndarray, n: int, weight: float, cap: int, form: str):
@@ -197,6 +196,17 @@ def main(argv=None) -> int:
     report("query_flip", None, lambda s, n: ranked(cat, unit(s.q + s.q_flip), [cat.x]))
     report("catalog_crop_views", 0.8, lambda s, n: ranked(cat, s.q, [cat.x, crops]))
     report("query_white_balance", None, lambda s, n: ranked(cat, s.q_wb, [cat.x]))
+    # White balance, alone and with the flip, under the service's re-rank (SIFT on the balanced
+    # photo, as the service would see it).
+    default = (10, verify.WEIGHT, verify.CAP, "linear")
+    for lever, flip in (("query_white_balance_rerank", False), ("query_wb_flip_rerank", True)):
+        variant = {
+            n: s.with_queries(cat, unit(s.q_wb + s.q_flip) if flip else s.q_wb)
+            for n, s in data.items()
+        }
+        inl_wb = {n: v.inliers(cat, pre, cache, wb=True) for n, v in variant.items()}
+        fn = lambda s, n, v=variant, i=inl_wb: reranked(v[n], i[n], *default)  # noqa: E731
+        report(lever, list(default), fn)
     os.makedirs(os.path.dirname(a.json), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(results, f, indent=2)

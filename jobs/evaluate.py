@@ -1,13 +1,16 @@
 """Measure the retrieval quality of one index version, through the service's own query path.
 
     python jobs/evaluate.py --index-root URI (--queries URI | --leave-one-out) [--version V]
-        [--k 1,5,10,50] [--limit N] [--seed S] [--rerank N] [--any-category] [--out URI]
+        [--k 1,5,10,50] [--limit N] [--seed S] [--rerank N] [--no-backdrop-balance]
+        [--any-category] [--out URI]
         [--weights URI] [--s3-endpoint URL]
 
 Queries are either a table (Contract 1 style: `image_uri` plus `product_id` for instance-level
 and/or `category` for category-level ground truth; e.g. the output of jobs/make_queries.py),
-embedded in process with the index's own model, or (--leave-one-out) catalog photos of the index
-itself, whose stored vectors are the queries and whose own product is excluded from the results.
+embedded in process with the index's own model (after POST /search's backdrop white balance,
+images.balance_backdrop; --no-backdrop-balance: as decoded), or (--leave-one-out) catalog
+photos of the index itself, whose stored vectors are the queries and whose own product is
+excluded from the results.
 Each query runs the Serve app's path in process (query.ShardIndex per shard +
 query.preferring_search + query.results): one result per product, as POST /search answers. Table
 queries then get POST /search's geometric re-rank of their top --rerank products (verify.py,
@@ -84,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="top products re-ranked by geometric verification, as POST /search (0: off)",
     )
     p.add_argument(
+        "--no-backdrop-balance",
+        action="store_true",
+        help="table queries as decoded, without POST /search's backdrop white balance",
+    )
+    p.add_argument(
         "--any-category",
         action="store_true",
         help="leave-one-out: nearest products first, not the own category's (?same_category=false)",
@@ -96,7 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = cli.config(Config, args, ks=args.k, same_category=not args.any_category)
+    cfg = cli.config(
+        Config,
+        args,
+        ks=args.k,
+        same_category=not args.any_category,
+        backdrop_balance=not args.no_backdrop_balance,
+    )
     return cli.exit_code("evaluate", lambda: run(cfg), (EvalError,))
 
 

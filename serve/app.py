@@ -60,6 +60,10 @@ class AppArgs(BaseModel):
         le=100,
         description="top products of POST /search re-ranked by geometric verification (0: off)",
     )
+    backdrop_balance: bool = Field(
+        True,
+        description="a query photo's near-uniform bright border (a backdrop) scaled to white",
+    )
     # Logical CPUs reserved per replica (Ray scheduling only; FAISS and torch use what is free).
     ingress_cpus: float = Field(0.25, ge=0)
     embedder_cpus: float = Field(1.0, ge=0)

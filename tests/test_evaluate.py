@@ -65,15 +65,19 @@ def result(world, tmp_path_factory):
     return evaluate.run(cfg), out
 
 
-def reference(world, rerank: int) -> tuple[float, float]:
-    """(instance recall@1, predicted-category accuracy) by brute force: embed each query, its 10
-    best products by inner product (best photo each), re-ranked by inliers with their photos."""
+def reference(world, rerank: int, backdrop: bool = True) -> tuple[float, float]:
+    """(instance recall@1, predicted-category accuracy) by brute force: embed each query (its
+    backdrop balanced, as POST /search does), its 10 best products by inner product (best photo
+    each), re-ranked by inliers with their photos."""
     pids, vectors = read_in_manifest_order(world["work"])
     version = versions.open_version(world["index_root"])
     uris = query.Docs.load(version).table["image_uri"].to_pylist()
     embedder = embedders.from_model_dict(version.manifest.model)
     table = catalog.read_catalog(world["queries"]).table.to_pylist()
-    pixels = [images.load(storage.read_bytes(r["image_uri"]), embedder.preprocess) for r in table]
+    pixels = [
+        images.load(storage.read_bytes(r["image_uri"]), embedder.preprocess, backdrop=backdrop)
+        for r in table
+    ]
     scores = embedder.embed(np.stack(pixels)) @ vectors.T
     categories = {r["product_id"]: r["category"] for r in table}
     hits, predicted = [], []
@@ -138,10 +142,17 @@ def test_rerank_off(world, tmp_path, capsys):
     assert report["rerank"] == report["config"]["rerank"] == 0
     recall, accuracy = reference(world, rerank=0)
     assert report["instance"]["recall@1"] == pytest.approx(recall)
+    assert report["config"]["backdrop_balance"] is True
     assert report["predicted_category_accuracy"] == pytest.approx(accuracy)
     assert report["latency_ms"]["rerank"] is None
     assert "- re-rank: off" in (tmp_path / "summary.md").read_text()
     assert "[evaluate] predicted category accuracy " in capsys.readouterr().out
+    raw = tmp_path / "raw"
+    assert evaluate.main(args + ["--no-backdrop-balance", "--out", str(raw)]) == 0
+    report = json.loads((raw / "report.json").read_text())
+    assert report["config"]["backdrop_balance"] is False
+    recall, _ = reference(world, rerank=0, backdrop=False)
+    assert report["instance"]["recall@1"] == pytest.approx(recall)
     with pytest.raises(evaluate.EvalError, match="--rerank must be >= 0"):
         evaluate.run(evaluate.Config(index_root=world["index_root"], leave_one_out=True, rerank=-1))
 

@@ -420,3 +420,41 @@ def test_a_40_megapixel_upload_decodes_within_300_mb(kind, tmp_path):
     result = decode_bench.measure(path)
     assert result["code"] == ("too_large" if kind == "WEBP" else "ok"), result
     assert result["peak_mb"] <= 300, (kind, result)
+
+
+def _tinted_product(border: tuple[int, int, int]) -> Image.Image:
+    """A white-backdrop product shot under a colour cast: a dark square on `border`."""
+    a = np.empty((120, 160, 3), np.float32)
+    a[:] = border
+    a[40:80, 60:100] = np.asarray(border, np.float32) * 0.3
+    return Image.fromarray(a.astype(np.uint8))
+
+
+def test_balance_backdrop_scales_a_tinted_backdrop_to_white():
+    img = _tinted_product((200, 180, 230))
+    out = np.asarray(images.balance_backdrop(img), np.float32)
+    assert np.abs(out[:10, :10] - 255).max() <= 1  # the backdrop is white again
+    # the product is scaled by the same per-channel gains: its cast is gone too
+    centre = out[60, 80]
+    assert np.ptp(centre) <= 2 and 70 <= centre.mean() <= 85
+    # a query photo through load(backdrop=True) is the balanced one, preprocessed
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    pre = images.Preprocess(size=64)
+    balanced = images.load(buf.getvalue(), pre, backdrop=True)
+    np.testing.assert_array_equal(balanced, pre(images.balance_backdrop(img)))
+    assert not np.array_equal(balanced, images.load(buf.getvalue(), pre))
+
+
+@pytest.mark.parametrize(
+    "why",
+    ["dark", "busy"],
+)
+def test_balance_backdrop_leaves_other_photos_alone(why):
+    """A dark border, or a textured one (a scene, not a backdrop), keeps its colours."""
+    if why == "dark":
+        img = _tinted_product((60, 50, 70))
+    else:
+        noise = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+        img = Image.fromarray(noise)
+    assert images.balance_backdrop(img) is img

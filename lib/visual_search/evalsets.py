@@ -61,12 +61,12 @@ def strings(table: pa.Table, column: str) -> list[str | None]:
     return table[column].cast(pa.string()).to_pylist()
 
 
-def _decode(uri: str, preprocess: images.Preprocess, limits: images.Limits):
+def _decode(uri: str, preprocess: images.Preprocess, limits: images.Limits, backdrop: bool):
     """(pixels, None, ms) or (None, (code, detail), ms); never raises for a bad image."""
     t0 = time.perf_counter()
     try:
         data = storage.read_bytes(uri, limits.max_bytes)
-        pixels = images.load(data, preprocess, limits)
+        pixels = images.load(data, preprocess, limits, backdrop)
         return pixels, None, (time.perf_counter() - t0) * 1000
     except storage.TooLarge as exc:
         return None, ("too_large", str(exc)), 0.0
@@ -104,7 +104,12 @@ def table_queries(cfg: Config, version: Version, docs: query.Docs, rerank: bool)
     with ThreadPoolExecutor(max_workers=max(1, cfg.decode_threads)) as pool:
         for lo in range(0, len(uris), cfg.batch_size):
             batch = list(range(lo, min(lo + cfg.batch_size, len(uris))))
-            decoded = list(pool.map(lambda j: _decode(uris[j], embedder.preprocess, limits), batch))
+            decoded = list(
+                pool.map(
+                    lambda j: _decode(uris[j], embedder.preprocess, limits, cfg.backdrop_balance),
+                    batch,
+                )
+            )
             good = _decoded(batch, decoded, uris, decode_ms, errors, examples)
             if not good:
                 continue

@@ -53,6 +53,7 @@ class Config:
     limit: int | None = None  # None: 1000 for leave-one-out, every row of a table; 0: all
     seed: int = 0
     rerank: int = 10  # top products re-ranked by geometric verification, as the service does
+    backdrop_balance: bool = True  # table queries: the backdrop scaled to white, as the service
     out: str | None = None
     weights: str | None = None  # model weights URI, for models that need them (resnet50, clip)
     batch_size: int = 32

@@ -237,8 +237,32 @@ def decode(data: bytes, limits: Limits = Limits(), draft_size: int | None = None
         raise _classify(exc) from exc
 
 
-def load(data: bytes, preprocess: Preprocess, limits: Limits = Limits()) -> np.ndarray:
-    """Bytes -> preprocessed uint8 (size, size, 3). Raises ImageError."""
+# A query's border is a backdrop when its median level is at least BACKDROP_LEVEL and its
+# channels' median absolute deviation at most BACKDROP_SPREAD (0-255 scale); the border ring is
+# BACKDROP_RING of the shorter side. Chosen on products-dev validation queries
+# (bench/quality_levers.py, "query_white_balance").
+BACKDROP_RING, BACKDROP_SPREAD, BACKDROP_LEVEL = 0.04, 18.0, 90.0
+
+
+def balance_backdrop(img: Image.Image) -> Image.Image:
+    """img with its border colour scaled to white per channel (von Kries), when the border looks
+    like a backdrop (near-uniform and bright); else img itself. Catalog shots sit on white: a
+    shopper's photo of one keeps the backdrop with the camera's colour cast on everything."""
+    a = np.asarray(img, np.float32)
+    r = max(2, int(min(a.shape[:2]) * BACKDROP_RING))
+    border = np.concatenate([e.reshape(-1, 3) for e in (a[:r], a[-r:], a[:, :r], a[:, -r:])])
+    med = np.median(border, 0)
+    spread = np.median(np.abs(border - med), 0).max()
+    if spread > BACKDROP_SPREAD or med.mean() < BACKDROP_LEVEL:
+        return img
+    return Image.fromarray(np.clip(a * (255.0 / np.maximum(med, 1.0)), 0, 255).astype(np.uint8))
+
+
+def load(
+    data: bytes, preprocess: Preprocess, limits: Limits = Limits(), backdrop: bool = False
+) -> np.ndarray:
+    """Bytes -> preprocessed uint8 (size, size, 3). Raises ImageError. backdrop: a query photo,
+    balance_backdrop'ed before preprocessing."""
     draft = (
         preprocess.size
         if preprocess.mode == "pad"
@@ -246,6 +270,6 @@ def load(data: bytes, preprocess: Preprocess, limits: Limits = Limits()) -> np.n
     )
     img = decode(data, limits, draft_size=draft)
     try:
-        return preprocess(img)
+        return preprocess(balance_backdrop(img) if backdrop else img)
     except Exception as exc:
         raise _classify(exc) from exc

@@ -190,7 +190,13 @@ class QueryPath:
         """(query vector (1, d), the preprocessed pixels it was embedded from)."""
         with stage("decode"):
             try:
-                pixels = await asyncio.to_thread(images.load, data, self.preprocess, self.limits)
+                pixels = await asyncio.to_thread(
+                    images.load,
+                    data,
+                    self.preprocess,
+                    self.limits,
+                    self.settings.backdrop_balance,
+                )
             except images.ImageError as exc:
                 raise ApiError(
                     httpapi.IMAGE_STATUS.get(exc.code, 422), exc.code, exc.detail

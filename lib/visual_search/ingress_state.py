@@ -24,6 +24,7 @@ class Settings:
     max_inflight: int = 64  # searches in flight before 503
     api_key_env: str = "VISUAL_SEARCH_API_KEY"  # /admin/* needs this key; none: 403
     rerank: int = 10  # top products of POST /search re-ranked by geometric verification
+    backdrop_balance: bool = True  # a query's backdrop scaled to white (images.balance_backdrop)
     admin_open: bool = False  # /admin/* without a key when none is configured
     upload_tiff: bool = False
     upload_timeout_s: float = 30.0  # a slower upload gets a 408
