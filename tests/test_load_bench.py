@@ -100,7 +100,9 @@ def test_locust_users_send_photos_and_classify_every_answer(tmp_path):
     assert load.stats(samples)["error_codes"] == {
         "503 overloaded": sum(s[2] == "503" for s in samples)
     }
-    assert len(samples) == _Answers.count
+    # a user stopped by a stage change or the end of the run may leave its last request
+    # answered by the server but unrecorded: at most one per user of the larger stage
+    assert _Answers.count - 2 <= len(samples) <= _Answers.count
     paced = [s for s in samples if s[0] >= 2.5]
     # 1 user at 5/s (Poisson: 7.5 expected) for the last ~1.5 s; closed loop sends hundreds
     assert 0 < len(paced) < 40
