@@ -3,6 +3,7 @@ filters, docs lookup, and one result per product."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -10,11 +11,11 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from visual_search import filters, fulltext, index, updates
+from visual_search import docstore, filters, fulltext, index, updates, versions
 from visual_search.search import merge_topk
-from visual_search.versions import Version
+
+log = logging.getLogger(__name__)
 
 # Oversampling rounds when several photos of one product crowd the top-k.
 MAX_WIDEN = 6
@@ -29,7 +30,7 @@ FILTER_CACHE = 64
 class ShardIndex:
     """One shard of one version, searchable by many threads at once (per-call parameters)."""
 
-    def __init__(self, version: Version, i: int, mmap: bool = True):
+    def __init__(self, version: versions.Version, i: int, mmap: bool = True):
         self.version = version.manifest.version
         self.metric = version.manifest.metric
         self.index = version.load_shard(i, mmap=mmap)
@@ -115,23 +116,26 @@ class ShardIndex:
 @dataclass(frozen=True)
 class Docs:
     """The docs of a whole version, one row per global id (ids are dense, row == id), and,
-    with `overlay`, the update log's effect on them (tombstones and new items)."""
+    with `overlay`, the update log's effect on them (tombstones and new items). Loaded, they are
+    memory-mapped with a sorted product index (docstore): neither memory nor a lookup's cost
+    grows with the catalog."""
 
     version: str
     table: pa.Table
+    products: docstore.ProductIndex = field(compare=False)
     overlay: updates.Overlay | None = field(default=None, compare=False)
 
     @classmethod
-    def load(cls, version: Version, overlay: updates.Overlay | None = None) -> Docs:
-        table = version.read_docs().sort_by("id").combine_chunks()
-        ids = table["id"].to_numpy()
-        if not np.array_equal(ids, np.arange(len(ids))):
-            raise ValueError(f"version {version.manifest.version}: docs ids are not dense")
-        return cls(version.manifest.version, table, overlay)
+    def load(cls, version: versions.Version, overlay: updates.Overlay | None = None) -> Docs:
+        table, products = docstore.open_docs(version)
+        try:
+            versions.evict_unused(version.index_root, version.manifest.version)
+        except (OSError, ValueError) as exc:  # a cache left full must not fail a load
+            log.warning("evicting unused versions' cached files failed: %s", exc)
+        return cls(version.manifest.version, table, products, overlay)
 
     def base_ids_of(self, product_id: str) -> np.ndarray:
-        mask = pc.equal(self.table["product_id"], product_id)
-        return pc.indices_nonzero(mask).to_numpy().astype(np.int64)
+        return self.products.rows_of(product_id)
 
     def ids_of(self, product_id: str) -> np.ndarray:
         if self.overlay is not None and (ids := self.overlay.ids_of(product_id)) is not None:

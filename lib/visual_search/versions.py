@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import faiss
 import pyarrow as pa
 
-from visual_search import conditional, fulltext, index, storage, updates
+from visual_search import conditional, docstore, fulltext, index, storage, updates
 from visual_search.manifest import IndexManifest
 
 log = logging.getLogger(__name__)
@@ -235,13 +235,15 @@ def withdraw(index_root: str, version: str) -> None:
 
 
 def evict_unused(index_root: str, loaded: str) -> list[str]:
-    """Drop this node's S3 cache copies of versions not in use: in use are `loaded`, CURRENT and
-    those CURRENT named within RECENT_S (other replicas may still serve them)."""
-    if not storage.is_s3(index_root):
-        return []
+    """Drop this node's S3 cache copies and mapped docs of versions not in use: in use are
+    `loaded`, CURRENT and those CURRENT named within RECENT_S (other replicas may still serve
+    them)."""
     use = {loaded, current(index_root), *recently_current(index_root)} - {None}
-    keep = {version_root(index_root, v) for v in use}
-    return storage.evict_cache(storage.join(index_root, "versions"), keep)
+    gone = docstore.evict(index_root, use)
+    if storage.is_s3(index_root):
+        keep = {version_root(index_root, v) for v in use}
+        gone += storage.evict_cache(storage.join(index_root, "versions"), keep)
+    return gone
 
 
 @dataclass(frozen=True)
