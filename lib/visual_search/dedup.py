@@ -42,11 +42,13 @@ def _exact_vectors(version: Version, dataset, ids: np.ndarray, shards: list) -> 
         got, x = dataset.read_ids(ids)
         pos = np.searchsorted(got, ids)
         return x[pos]
-    starts = np.array([s.id_range[0] for s in version.manifest.shards])
+    ranges = [s.id_range for s in version.manifest.shards]
+    rows = [index.rows_of(shard, lo, hi) for shard, (lo, hi) in zip(shards, ranges, strict=True)]
+    starts = np.array([lo for lo, _ in ranges])
     out = np.empty((len(ids), version.manifest.dim), np.float32)
     for j, gid in enumerate(ids.tolist()):
-        s = int(np.searchsorted(starts, gid, side="right") - 1)
-        out[j] = shards[s].reconstruct(int(gid))
+        inner, offset = rows[int(np.searchsorted(starts, gid, side="right") - 1)]
+        out[j] = index.reconstruct(inner, gid - offset)
     return out
 
 

@@ -151,6 +151,31 @@ def _refine(index: faiss.Index) -> faiss.IndexRefine | None:
     return index if isinstance(index, faiss.IndexRefine) else None
 
 
+def rows_of(index: faiss.Index, lo: int, hi: int) -> tuple[faiss.Index, int]:
+    """(the index inside an IDMap, lo) for an IDMap over the contiguous ids [lo, hi) in row
+    order (checked), else (index, 0): ids minus the offset are the inner index's rows."""
+    outer = faiss.downcast_index(index)
+    if not isinstance(outer, faiss.IndexIDMap | faiss.IndexIDMap2):
+        return index, 0
+    if not np.array_equal(faiss.vector_to_array(outer.id_map), np.arange(lo, hi)):
+        raise ValueError(f"ids are not the contiguous range [{lo}, {hi})")
+    return outer.index, lo
+
+
+def reconstruct(index: faiss.Index, key: int) -> np.ndarray:
+    """The stored vector of `key`: exact from a Refine stage's flat copy, else decoded from the
+    codes (an IVF gets a direct map on first use). IDMap does not reconstruct: callers pass
+    the index inside it with row numbers."""
+    if _refine(index) is None and is_ivf(index):
+        ivf = faiss.extract_index_ivf(index)
+        if not ivf.direct_map.type:
+            try:
+                ivf.make_direct_map()
+            except RuntimeError:  # an array map needs ids 0..n-1; a shard's start elsewhere
+                ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return index.reconstruct(int(key))
+
+
 def apply_params(index: faiss.Index, params: dict) -> None:
     """Set search parameters on the index object itself (defaults for plain .search calls)."""
     ps = faiss.ParameterSpace()

@@ -39,12 +39,10 @@ class ShardIndex:
         # Filtered searches go to the index inside an IDMap with row numbers (ids are the
         # contiguous range [lo, hi) in row order, checked here), since IDMap cannot translate a
         # selector through a Refine stage.
-        self.inner, self.offset = self.index, 0
-        outer = faiss.downcast_index(self.index)
-        if isinstance(outer, faiss.IndexIDMap | faiss.IndexIDMap2):
-            if not np.array_equal(faiss.vector_to_array(outer.id_map), np.arange(lo, hi)):
-                raise ValueError(f"shard {i}: ids are not the contiguous range [{lo}, {hi})")
-            self.inner, self.offset = outer.index, lo
+        try:
+            self.inner, self.offset = index.rows_of(self.index, lo, hi)
+        except ValueError as e:
+            raise ValueError(f"shard {i}: {e}") from None
         self.docs = version.read_docs(i).combine_chunks()
         self.members: OrderedDict[str, np.ndarray] = OrderedDict()  # filter key -> its ids
         self.lock = threading.Lock()
@@ -105,12 +103,9 @@ class ShardIndex:
         return scores[None], ids[None]
 
     def reconstruct(self, gid: int) -> np.ndarray:
-        """The stored vector of a global id (decoded from the index codes)."""
-        if index.is_ivf(self.index):
-            ivf = faiss.extract_index_ivf(self.index)
-            if not ivf.direct_map.type:
-                ivf.make_direct_map()
-        return self.index.reconstruct(int(gid))
+        """The stored vector of a global id (exact with a Refine stage, else decoded)."""
+        with self.lock:  # the first call on an IVF builds its direct map
+            return index.reconstruct(self.inner, int(gid) - self.offset)
 
 
 @dataclass(frozen=True)
