@@ -24,7 +24,7 @@ from ray import cloudpickle
 from synthetic import clustered_vectors, read_in_manifest_order, write_embeddings_dataset
 
 from jobs import build_index
-from visual_search import dedup, index, query, shards, storage, versions
+from visual_search import dedup, filters, index, query, shards, storage, versions
 from visual_search.embeddings import DatasetError
 from visual_search.manifest import IndexManifest
 from visual_search.search import merge_topk
@@ -317,6 +317,28 @@ def test_every_stored_vector_reads_back_by_global_id(builds, dataset, factory, t
     loaded = [v.load_shard(i) for i in range(len(v.manifest.shards))]
     got = dedup._exact_vectors(v, None, np.array(probe), loaded)
     np.testing.assert_allclose(got, vecs[probe], atol=1e-6)
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_filtered_search_without_tombstones_is_exact(builds, dataset, factory):
+    """ShardIndex.search with a category filter and tombstoned ids: the top-k of exactly the
+    shard's items of that category that are not dead, however large a share they are."""
+    index_root, _ = builds[factory]
+    _, vecs = read_in_manifest_order(dataset)
+    v = versions.open_version(index_root)
+    q = vecs[[5, 300, 555]] + 0.01
+    for i in range(SHARDS):
+        shard = query.ShardIndex(v, i)
+        ids, names = shard.docs["id"].to_pylist(), shard.docs["category"].to_pylist()
+        cats = dict(zip(ids, names, strict=True))
+        for cat, dead in (("cat2", []), ("cat2", sorted(cats)[::3]), ("cat0|cat1|cat3", [1, 2])):
+            flt = filters.Filter((filters.Condition("category", "in", tuple(cat.split("|"))),))
+            ok = [g for g, c in cats.items() if c in cat.split("|") and g not in set(dead)]
+            exact = faiss.IndexFlatIP(D)
+            exact.add(vecs[ok])
+            want = np.array(ok)[exact.search(q, 10)[1]]
+            _, got = shard.search(q, 10, flt, np.array(dead, np.int64))
+            assert got.tolist() == want.tolist(), (i, cat, len(dead))
 
 
 # ------------------------------------------------------------------- crash at every step

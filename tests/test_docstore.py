@@ -33,7 +33,8 @@ class FakeVersion:
 
     @property
     def manifest(self):
-        shards = [SimpleNamespace(sha256=s) for s in self.sums]
+        count = self.docs.num_rows // len(self.sums)
+        shards = [SimpleNamespace(sha256=s, count=count) for s in self.sums]
         return SimpleNamespace(version=self.name, shards=shards)
 
     def read_docs(self) -> pa.Table:
@@ -84,6 +85,33 @@ def test_a_second_open_maps_the_cached_files_without_reading_or_copying(tmp_path
     assert pa.total_allocated_bytes() - before < 1 << 16  # mapped, not in the heap
     assert table.num_rows == 60_000 and table.nbytes > 1 << 20
     assert table["title"][59_999].as_py() == "title 59999"
+
+
+def test_large_versions_are_written_by_a_child_process(tmp_path, monkeypatch):
+    """Past CHILD_ROWS the build runs in a child (its peak memory leaves with it): this
+    process reads nothing, and maps the same files an in-process build writes."""
+    monkeypatch.setattr(docstore, "CHILD_ROWS", 1000)
+    monkeypatch.setenv("PYTHONPATH", os.path.dirname(os.path.abspath(__file__)))
+    big = FakeVersion(str(tmp_path / "big"), "v1", docs_table(3000))
+    table, products = docstore.open_docs(big)
+    assert big.reads == []  # the child read the docs
+    small = FakeVersion(str(tmp_path / "small"), "v1", docs_table(3000))
+    monkeypatch.setattr(docstore, "CHILD_ROWS", 10_000)
+    want, want_products = docstore.open_docs(small)
+    assert len(small.reads) == 1
+    assert table.equals(want)
+    assert products.pids.equals(want_products.pids)
+    assert products.rows.tolist() == want_products.rows.tolist()
+
+
+def test_a_failed_child_build_raises_its_error_and_leaves_no_docs(tmp_path, monkeypatch):
+    monkeypatch.setattr(docstore, "CHILD_ROWS", 10)
+    monkeypatch.setenv("PYTHONPATH", os.path.dirname(os.path.abspath(__file__)))
+    gaps = docs_table(100).filter(pc.not_equal(docs_table(100)["id"], 7))  # ids not dense
+    version = FakeVersion(str(tmp_path / "root"), "v1", gaps)
+    with pytest.raises(RuntimeError, match="docs ids are not dense"):
+        docstore.open_docs(version)
+    assert not os.path.exists(os.path.join(docstore._folder(version), docstore.DOCS))
 
 
 def test_other_shards_under_the_same_name_get_fresh_files(tmp_path):

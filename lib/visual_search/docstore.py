@@ -13,7 +13,10 @@ from __future__ import annotations
 import bisect
 import hashlib
 import os
+import pickle
 import shutil
+import subprocess
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -25,6 +28,8 @@ import pyarrow.compute as pc
 from visual_search import storage
 
 DOCS, PRODUCTS, ROOT = "docs.arrow", "products.arrow", "index_root.txt"
+# Versions with at least this many docs are written by a child process (see _build_apart).
+CHILD_ROWS = 100_000
 
 
 @dataclass(frozen=True)
@@ -95,11 +100,32 @@ def _array(column: pa.ChunkedArray) -> pa.Array:
     return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
+def _build_apart(version, folder: str) -> None:
+    """_build, in a child process for large versions: the build's peak (the decoded docs and
+    their sort) would otherwise stay in a long-lived replica's allocator, and its memory would
+    grow with the catalog after all."""
+    if sum(s.count for s in version.manifest.shards) < CHILD_ROWS:
+        _build(version, folder)
+        pa.default_memory_pool().release_unused()
+        return
+    lib = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (lib, os.environ.get("PYTHONPATH")) if p)
+    done = subprocess.run(
+        [sys.executable, "-m", "visual_search.docstore"],
+        input=pickle.dumps((version, folder)),
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": path},
+    )
+    if done.returncode:
+        err = done.stderr.decode(errors="replace").strip().splitlines()
+        raise RuntimeError(f"building the docs of {version.manifest.version}: {err[-1:]}")
+
+
 def open_docs(version) -> tuple[pa.Table, ProductIndex]:
     """(docs sorted by id, product index), both mapped from this node's cache."""
     folder = _folder(version)
     if not os.path.exists(os.path.join(folder, DOCS)):
-        _build(version, folder)
+        _build_apart(version, folder)
     products = _map(os.path.join(folder, PRODUCTS))
     index = ProductIndex(_array(products["product_id"]), _array(products["row"]).to_numpy())
     return _map(os.path.join(folder, DOCS)), index
@@ -128,3 +154,7 @@ def evict(index_root: str, keep: set[str]) -> list[str]:
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
             gone.append(os.path.join(parent, name))
     return gone
+
+
+if __name__ == "__main__":  # _build_apart's child: (version, folder) pickled on stdin
+    _build(*pickle.load(sys.stdin.buffer))

@@ -27,6 +27,32 @@ RRF_K = 60
 FILTER_CACHE = 64
 
 
+@dataclass(frozen=True)
+class Members:
+    """The ids of a shard's items that pass one filter, sorted, with a FAISS selector over a
+    bitmap of them: built once per cached filter, so a filtered search costs the same whatever
+    share of the shard passes (a batch selector hashes every member on each search)."""
+
+    ids: np.ndarray  # global ids, sorted
+    bits: np.ndarray = field(repr=False)  # the selector reads this buffer: keep it alive
+    selector: faiss.IDSelector = field(repr=False)
+
+    @classmethod
+    def of(cls, ids: np.ndarray, offset: int, n: int) -> Members:
+        """ids are global; the selector sees ids - offset, in [0, n)."""
+        ids = np.unique(np.asarray(ids, np.int64))
+        mask = np.zeros(n, bool)
+        mask[ids - offset] = True
+        bits = np.packbits(mask, bitorder="little")
+        return cls(ids, bits, faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits)))
+
+    def without(self, dead: np.ndarray) -> int:
+        """How many members are not in `dead` (sorted ids)."""
+        pos = np.searchsorted(self.ids, dead)
+        hit = pos < len(self.ids)
+        return len(self.ids) - int((self.ids[pos[hit]] == dead[hit]).sum())
+
+
 class ShardIndex:
     """One shard of one version, searchable by many threads at once (per-call parameters)."""
 
@@ -43,21 +69,24 @@ class ShardIndex:
             self.inner, self.offset = index.rows_of(self.index, lo, hi)
         except ValueError as e:
             raise ValueError(f"shard {i}: {e}") from None
+        self.id_space = hi - self.offset  # the ids the inner index sees are below this
         self.docs = version.read_docs(i).combine_chunks()
-        self.members: OrderedDict[str, np.ndarray] = OrderedDict()  # filter key -> its ids
+        self.members: OrderedDict[str, Members] = OrderedDict()  # filter key -> its items
         self.lock = threading.Lock()
+        self.map_lock = threading.Lock()
         text = version.manifest.text
         self.text = text and fulltext.load_shard(version.root, text["shards"][i])
 
-    def _members(self, flt: filters.Filter) -> np.ndarray:
-        """The ids of this shard's items that pass flt (cached for the latest filters)."""
+    def _members(self, flt: filters.Filter) -> Members:
+        """This shard's items that pass flt (cached for the latest filters)."""
         key = flt.key()
         with self.lock:  # searches run in several threads at once
             if key not in self.members:
                 try:
-                    self.members[key] = self._matching(flt)
+                    ids = self._matching(flt)
                 except filters.FilterError:  # e.g. a category filter on docs without categories
-                    self.members[key] = np.zeros(0, np.int64)
+                    ids = np.zeros(0, np.int64)
+                self.members[key] = Members.of(ids, self.offset, self.id_space)
                 while len(self.members) > FILTER_CACHE:
                     self.members.popitem(last=False)
             self.members.move_to_end(key)
@@ -77,17 +106,23 @@ class ShardIndex:
         dead = np.zeros(0, np.int64) if dead is None else dead
         if not flt and not len(dead):
             return index.search(self.index, vectors, k, self.params)
+        dead = np.unique(dead)
+        alive = None  # the selector of the items not in dead (its parts must outlive the search)
+        if len(dead):
+            batch = faiss.IDSelectorBatch(dead - self.offset)
+            alive = faiss.IDSelectorNot(batch)
         if flt:
             members = self._members(flt)
-            members = np.setdiff1d(members, dead, assume_unique=True) if len(dead) else members
-            if not len(members):
+            expected = members.without(dead) if len(dead) else len(members.ids)
+            if not expected:
                 worst = -np.inf if self.metric == "ip" else np.inf
                 n = len(vectors)
                 return np.full((n, k), worst, np.float32), np.full((n, k), -1, np.int64)
-            selector, expected = faiss.IDSelectorBatch(members - self.offset), len(members)
+            selector = members.selector
+            if alive is not None:
+                selector = faiss.IDSelectorAnd(members.selector, alive)
         else:
-            batch = faiss.IDSelectorBatch(dead - self.offset)
-            selector, expected = faiss.IDSelectorNot(batch), self.index.ntotal - len(dead)
+            selector, expected = alive, self.index.ntotal - len(dead)
         scores, ids = index.search(self.inner, vectors, k, self.params, selector)
         if (ids >= 0).sum(axis=1).min() < min(k, expected):
             scores, ids = index.search(self.inner, vectors, k, self.params, selector, True)
@@ -98,13 +133,13 @@ class ShardIndex:
         when the version has no text index."""
         if not self.text:
             return np.full((1, k), -np.inf, np.float32), np.full((1, k), -1, np.int64)
-        allowed = self._members(flt) if flt else None
+        allowed = self._members(flt).ids if flt else None
         scores, ids = self.text.search(text, k, allowed)
         return scores[None], ids[None]
 
     def reconstruct(self, gid: int) -> np.ndarray:
         """The stored vector of a global id (exact with a Refine stage, else decoded)."""
-        with self.lock:  # the first call on an IVF builds its direct map
+        with self.map_lock:  # the first call on an IVF builds its direct map
             return index.reconstruct(self.inner, int(gid) - self.offset)
 
 
