@@ -37,11 +37,8 @@ import contextlib
 import json
 import math
 import os
-import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -52,10 +49,17 @@ import psutil
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench.serve import free_port, say, wait_ready, write_combined  # noqa: E402
+from bench.serve import (  # noqa: E402
+    finish,
+    free_port,
+    say,
+    start_local,
+    wait_ready,
+    write_combined,
+)
 from jobs import build_index  # noqa: E402
 from jobs import embed as embed_job  # noqa: E402
-from visual_search import catalog, cluster, devices, storage  # noqa: E402
+from visual_search import catalog, storage  # noqa: E402
 
 LOCUSTFILE = os.path.join(REPO, "bench", "locustfile.py")
 DEFAULT_CATALOG = os.path.join(
@@ -319,19 +323,10 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import ray
     from ray import serve
 
-    from serve.app import AppArgs
-
-    work = args.work or tempfile.mkdtemp(prefix="bench-load-")
-    os.makedirs(work, exist_ok=True)
-    args.results = {"cores": devices.cpu_count(), "args": dict(vars(args)), "complete": False}
-    os.environ.pop("RAY_ADDRESS", None)
-    args.results["serve_env"] = cluster.use_serve_env(drain_s=1)
-    os.environ.setdefault(AppArgs.model_fields["api_key_env"].default, secrets.token_hex(16))
-    ray.init(address="local", num_cpus=devices.cpu_count(), include_dashboard=False,
-             log_to_driver=False)  # fmt: skip
+    work, args.results = start_local(args, "bench-load-")
+    complete = False
     try:
         t = time.perf_counter()
         index_root, photos = prepare(args, work)
@@ -347,17 +342,9 @@ def main(argv: list[str] | None = None) -> int:
             if i == 0 and cap:
                 overload(base, args, photos_file, work, cap)
                 soak(base, args, photos_file, work, cap)
-        args.results["complete"] = True
+        complete = True
     finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
-        results = args.results
-        results["args"] = {k: v for k, v in results["args"].items() if k != "results"}
-        storage.write_text(args.json, json.dumps(results, indent=2, sort_keys=True, default=str))
-        print(f"wrote {args.json}", flush=True)
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
+        finish(args, work, args.results, complete)
     return 0
 
 

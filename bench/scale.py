@@ -26,10 +26,8 @@ import argparse
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -39,10 +37,18 @@ import requests
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench.serve import free_port, load_photos, say, wait_ready, write_combined  # noqa: E402
+from bench.serve import (  # noqa: E402
+    finish,
+    free_port,
+    load_photos,
+    say,
+    start_local,
+    wait_ready,
+    write_combined,
+)
 from jobs import build_index  # noqa: E402
 from jobs import embed as embed_job  # noqa: E402
-from visual_search import catalog, cluster, devices, storage, versions  # noqa: E402
+from visual_search import catalog, storage, versions  # noqa: E402
 
 DEFAULT_CATALOG = os.path.join(
     os.path.dirname(REPO), "shared", "data", "products-dev", "catalog.csv"
@@ -169,19 +175,12 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import ray
     from ray import serve
 
     from serve.app import AppArgs
 
-    work = args.work or tempfile.mkdtemp(prefix="bench-scale-")
-    os.makedirs(work, exist_ok=True)
-    results = {"cores": devices.cpu_count(), "args": dict(vars(args)), "complete": False}
-    os.environ.pop("RAY_ADDRESS", None)
-    results["serve_env"] = cluster.use_serve_env(drain_s=1)
-    os.environ.setdefault(AppArgs.model_fields["api_key_env"].default, secrets.token_hex(16))
-    ray.init(address="local", num_cpus=devices.cpu_count(), include_dashboard=False,
-             log_to_driver=False)  # fmt: skip
+    work, results = start_local(args, "bench-scale-")
+    complete = False
     try:
         real = embed_real(args, work)
         max_upload = AppArgs.model_fields["max_upload_bytes"].default
@@ -199,16 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         deploy({s: b["root"] for s, b in built.items()}, base)
         report(paired(base, args, photos, pids), ingress_pss(), results)
-        results["complete"] = True
+        complete = True
     finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
-        results["args"] = {k: v for k, v in results["args"].items()}
-        storage.write_text(args.json, json.dumps(results, indent=2, sort_keys=True, default=str))
-        print(f"wrote {args.json}", flush=True)
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
+        finish(args, work, results, complete)
     return 0
 
 

@@ -867,6 +867,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def start_local(args, prefix: str) -> tuple[str, dict]:
+    """A bench run's start: its work folder (--work or a temporary one), its results (cores,
+    args), and local Ray on 127.0.0.1 with the HAProxy data plane and an admin key that the
+    replicas inherit (/admin/reload fails closed without one). Undone by finish."""
+    import ray
+
+    from serve.app import AppArgs
+
+    work = args.work or tempfile.mkdtemp(prefix=prefix)
+    os.makedirs(work, exist_ok=True)
+    results = {"cores": devices.cpu_count(), "args": dict(vars(args)), "complete": False}
+    results["loadavg_start"] = os.getloadavg()
+    os.environ.pop("RAY_ADDRESS", None)
+    results["serve_env"] = cluster.use_serve_env(drain_s=1)
+    os.environ.setdefault(AppArgs.model_fields["api_key_env"].default, secrets.token_hex(16))
+    ray.init(address="local", num_cpus=devices.cpu_count(), include_dashboard=False,
+             log_to_driver=False)  # fmt: skip
+    return work, results
+
+
 def finish(args, work: str, results: dict, complete: bool) -> None:
     """A bench run's teardown: Serve and Ray stopped, its temp folder removed (unless --work
     named one), the figures written to --json, marked partial when the run failed."""

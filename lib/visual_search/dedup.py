@@ -36,15 +36,14 @@ class DedupError(ValueError):
 # ------------------------------------------------------------------------- candidates (Ray)
 
 
-def _exact_vectors(version: Version, dataset, ids: np.ndarray, shards: list) -> np.ndarray:
-    """Exact vectors of ids: from the embeddings dataset when given, else reconstructed."""
+def _exact_vectors(version: Version, dataset, ids: np.ndarray, rows: list) -> np.ndarray:
+    """Exact vectors of ids: from the embeddings dataset when given, else reconstructed from
+    the shards' (inner index, offset) views (`index.rows_of`)."""
     if dataset is not None:
         got, x = dataset.read_ids(ids)
         pos = np.searchsorted(got, ids)
         return x[pos]
-    ranges = [s.id_range for s in version.manifest.shards]
-    rows = [index.rows_of(shard, lo, hi) for shard, (lo, hi) in zip(shards, ranges, strict=True)]
-    starts = np.array([lo for lo, _ in ranges])
+    starts = np.array([s.id_range[0] for s in version.manifest.shards])
     out = np.empty((len(ids), version.manifest.dim), np.float32)
     for j, gid in enumerate(ids.tolist()):
         inner, offset = rows[int(np.searchsorted(starts, gid, side="right") - 1)]
@@ -81,18 +80,22 @@ def query_items(
     own id and padding are -1 with score -inf.
     """
     shards = [version.load_shard(i) for i in range(len(version.manifest.shards))]
+    ranges = [s.id_range for s in version.manifest.shards]
+    rows = None  # the vectors come from the dataset
+    if dataset is None:
+        rows = [index.rows_of(s, lo, hi) for s, (lo, hi) in zip(shards, ranges, strict=True)]
     qids = np.asarray(qids, np.int64)
     out_i = np.full((len(qids), k), -1, np.int64)
     out_s = np.full((len(qids), k), -np.inf, np.float32)
     params = version.manifest.search_params
     for a in range(0, len(qids), batch):
         q = qids[a : a + batch]
-        x = _exact_vectors(version, dataset, q, shards)
+        x = _exact_vectors(version, dataset, q, rows)
         parts = [index.search(s, x, k + 1, params) for s in shards]
         _, ids = merge_topk(parts, k + 1, version.manifest.metric)
         ids = np.where(ids == q[:, None], -1, ids)
         uniq = np.unique(ids[ids >= 0])
-        cand = _exact_vectors(version, dataset, uniq, shards) if len(uniq) else None
+        cand = _exact_vectors(version, dataset, uniq, rows) if len(uniq) else None
         for r in range(len(q)):
             row = ids[r][ids[r] >= 0][:k]
             if len(row):

@@ -159,7 +159,9 @@ def rows_of(index: faiss.Index, lo: int, hi: int) -> tuple[faiss.Index, int]:
         return index, 0
     if not np.array_equal(faiss.vector_to_array(outer.id_map), np.arange(lo, hi)):
         raise ValueError(f"ids are not the contiguous range [{lo}, {hi})")
-    return outer.index, lo
+    inner = faiss.downcast_index(outer.index)
+    inner.referenced_objects = [index]  # the IDMap owns it: freeing the IDMap frees it
+    return inner, lo
 
 
 def reconstruct(index: faiss.Index, key: int) -> np.ndarray:
