@@ -74,6 +74,8 @@ class Config:
     seed: int = 0
     text: bool = True  # BM25 text indexes of the docs (GET /search?q=)
     text_tower: bool = True  # with text: the semantic text tower (texttower.py) and its fusion
+    # clip-vit-b-32's weights (as embedded): its own text tower instead of training one
+    weights: str | None = None
     gpus: int | None = None  # >0: train the template on a GPU (default: if the cluster has one)
     s3_endpoint: str | None = None
     # A trained template (a version's template.faiss) to fill instead of training one
@@ -328,6 +330,15 @@ def _docs_indexes(cfg: Config, root: str, records, env) -> tuple[dict, dict | No
     return filterable, {"columns": columns, "shards": shards}, took
 
 
+def _clip_tower(cfg: Config, model: dict):
+    """CLIP's own text tower when the vectors are clip-vit-b-32's and its weights are known."""
+    clip = texttower.ClipTower.for_model(model, cfg.weights)
+    if clip is None and model.get("model_id") == texttower.ClipTower.model_id:
+        why = "a projection head on them" if model.get("head") else "no --weights"
+        _say(f"clip-vit-b-32 vectors, {why}: a text tower is trained instead of CLIP's own")
+    return clip
+
+
 def _text_tower(cfg: Config, root: str, dataset, text: dict | None) -> dict | None:
     """The semantic text tower trained on the docs' (text, vector) pairs, or why not."""
     if text is None or not cfg.text_tower:
@@ -338,13 +349,14 @@ def _text_tower(cfg: Config, root: str, dataset, text: dict | None) -> dict | No
     ids, vectors = dataset.read_ids(ids)  # sorted
     names = storage.parquet_columns(dataset.parts[0].uri)
     docs = dataset.read_range(0, n, [c for c in names if c != "embedding"])
-    record = texttower.build(docs.take(pa.array(ids)), vectors, root)
+    clip = _clip_tower(cfg, dataset.manifest.model)
+    record = texttower.build(docs.take(pa.array(ids)), vectors, root, pretrained=clip)
     if "skipped" in record:
         _say(f"text tower skipped: {record['skipped']}")
     else:
         fusion = record["fusion"]
         _say(
-            f"text tower trained on {record['rows']:,} rows in {record['seconds']:.1f}s "
+            f"text tower ({record['kind']}) on {record['rows']:,} rows in {record['seconds']:.1f}s "
             f"({record['device']}): held-out title R@10 {record['heldout']['title_r10']:.3f}; "
             f"fusion weights {fusion['text']['weights']} / {fusion['hybrid']['weights']}"
         )
@@ -394,6 +406,11 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     p.add_argument("--embeddings", required=True, help="embeddings dataset URI (Contract 2)")
+    p.add_argument(
+        "--weights",
+        help="clip-vit-b-32 state dict the vectors were made with: CLIP's own text tower "
+        "serves text queries (else one is trained on the catalog)",
+    )
     add_build_arguments(p)
     return p
 

@@ -58,7 +58,7 @@ def built(tmp_path_factory):
     cfg = build_index.Config(embeddings=dataset.uri, index_root=str(tmp / "root"))
     root = str(tmp / "version")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(texttower.build, "__defaults__", (SMALL,))
+        mp.setattr(texttower.build, "__defaults__", (SMALL, None))
         record = build_index._text_tower(cfg, root, dataset, {"columns": ["title"]})
     return cfg, dataset, root, record
 

@@ -118,7 +118,8 @@ def _load_state(weights: str | None, random_weights: bool, name: str) -> dict | 
     return None
 
 
-def _weights_id(name: str, weights: str | None, random_weights: bool) -> str:
+def weights_id(name: str, weights: str | None, random_weights: bool = False) -> str:
+    """How a manifest names a model's weights: sha256 of the file, or "random"."""
     if name.startswith("efficientnet_lite0"):
         return _sha256_id(_lite0_weights(weights))
     if weights:
@@ -206,14 +207,22 @@ def _build_resnet50(weights: str | None, random_weights: bool) -> nn.Module:
     return model
 
 
-def _build_clip_vit_b_32(weights: str | None, random_weights: bool) -> nn.Module:
+CLIP_ARCH = "ViT-B-32"  # open_clip's name of clip-vit-b-32
+
+
+def clip_model(weights: str | None, random_weights: bool = False) -> nn.Module:
+    """The whole open_clip ViT-B/32 (image and text towers) with its weights loaded."""
     import open_clip
 
     state = _load_state(weights, random_weights, "clip-vit-b-32")
-    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    model = open_clip.create_model(CLIP_ARCH, pretrained=None)
     if state is not None:
         model.load_state_dict(state.get("state_dict", state))
-    return model.visual
+    return model.eval()
+
+
+def _build_clip_vit_b_32(weights: str | None, random_weights: bool) -> nn.Module:
+    return clip_model(weights, random_weights).visual
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -269,7 +278,7 @@ def create(
         net, dim = nn.Sequential(net, head_net), entry["dim"]
     return Embedder(
         model_id=name,
-        weights_id=_weights_id(name, weights, random_weights),
+        weights_id=weights_id(name, weights, random_weights),
         net=net,
         dim=dim,
         preprocess=Preprocess(size=spec.size, mode=preprocess_mode),
@@ -291,7 +300,7 @@ def describe(
     spec = _check_name(name)
     out = {
         "model_id": name,
-        "weights": _weights_id(name, weights, random_weights),
+        "weights": weights_id(name, weights, random_weights),
         "dim": spec.dim,
         "preprocess": {"size": spec.size, "mode": preprocess_mode},
     }

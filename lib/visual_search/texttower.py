@@ -8,6 +8,9 @@ alike even when their titles lack it. No download: it trains on the catalog in t
 
 The build step also tunes the weights of the weighted reciprocal-rank fusion (query.fuse) on
 held-out rows, titles as queries, and records both in the manifest (`text_tower`).
+
+A catalog embedded by clip-vit-b-32 whose weights the build is given uses CLIP's own text
+tower instead (ClipTower): the same held-out measure and fusion tuning, no training.
 """
 
 from __future__ import annotations
@@ -138,6 +141,54 @@ class Tower:
         return cls(net, meta["dim"], settings)
 
 
+class ClipTower:
+    """CLIP's own text tower, for a catalog embedded by clip-vit-b-32 with its weights: texts
+    land in the space its image tower made the vectors in. Nothing is trained; the weights file
+    is named by the manifest (`weights_uri`), not copied into the version."""
+
+    kind = "clip"
+    model_id = "clip-vit-b-32"
+
+    def __init__(self, weights: str, device: str | None = None):
+        import open_clip
+
+        from visual_search import embedders
+
+        self.uri = storage.normalize(weights)
+        self.weights_id = embedders.weights_id(self.model_id, weights)
+        self.device = devices.torch_device(device)
+        model = embedders.clip_model(weights)
+        model.visual = None  # the image side lives in the embedder
+        self.model, self.dim = model.to(self.device), int(model.text_projection.shape[1])
+        self.tokenize = open_clip.get_tokenizer(embedders.CLIP_ARCH)
+
+    def encode(self, texts: list[str], batch: int = 256) -> np.ndarray:
+        import torch
+
+        out = [np.zeros((0, self.dim), np.float32)]
+        with torch.no_grad():
+            for lo in range(0, len(texts), batch):
+                tokens = self.tokenize(texts[lo : lo + batch]).to(self.device)
+                out.append(self.model.encode_text(tokens, normalize=True).float().cpu().numpy())
+        return np.concatenate(out)
+
+    @classmethod
+    def for_model(cls, model: dict, weights: str | None) -> ClipTower | None:
+        """CLIP's text tower for the embeddings' `model` entry: None unless it is clip-vit-b-32
+        (without a projection head) and its weights are given or named by the entry; the
+        weights must be the ones the vectors were made with."""
+        weights = weights or model.get("weights_uri")
+        if model.get("model_id") != cls.model_id or model.get("head") or not weights:
+            return None
+        tower = cls(weights)
+        if tower.weights_id != model.get("weights"):
+            raise ValueError(
+                f"CLIP weights {tower.weights_id} differ from the catalog vectors' "
+                f"{model.get('weights')}: its text would not land next to their photos"
+            )
+        return tower
+
+
 def train(texts: list[str], vectors: np.ndarray, settings: Settings = Settings()) -> Tower:
     """A tower trained on (texts[i], vectors[i]) pairs, float32 (n, d) vectors frozen."""
     import torch
@@ -243,11 +294,16 @@ def tune_fusion(rankings: dict[str, list[list[dict]]], targets, grid, names) -> 
 
 
 def train_and_tune(
-    docs: pa.Table, vectors: np.ndarray, settings: Settings = Settings(), seed: int = 0
-) -> tuple[Tower, dict]:
+    docs: pa.Table,
+    vectors: np.ndarray,
+    settings: Settings = Settings(),
+    seed: int = 0,
+    pretrained: ClipTower | None = None,
+) -> tuple[Tower | ClipTower, dict]:
     """Train on the rows of (1 - HELD_OUT) of the products, measure the held-out titles'
     R@10 (the own product among all rows, by the tower's vectors), tune the fusion weights on
-    them, then train the kept tower on every row. Returns (tower, the manifest's record)."""
+    them, then train the kept tower on every row. Returns (tower, the manifest's record).
+    A `pretrained` tower is measured and tuned for the same way, and trained on nothing."""
     started = time.time()
     columns = fulltext.text_columns(docs)
     texts = fulltext.doc_texts(docs, columns)
@@ -255,7 +311,7 @@ def train_and_tune(
     titles = fulltext.doc_texts(docs, [title_col])
     pids = np.asarray(docs["product_id"].to_pylist()).astype(str)
     fit, held = _held_out(pids, titles, seed)
-    probe = train([texts[i] for i in fit], vectors[fit], settings)
+    probe = pretrained or train([texts[i] for i in fit], vectors[fit], settings)
     gallery = tuning.unit(vectors)
     queries = [titles[i] for i in held]
     words = probe.encode(queries)
@@ -266,14 +322,12 @@ def train_and_tune(
                               ("text", "semantic"))  # fmt: skip
     hybrid = _hybrid_fusion(gallery, pids, held, words, bm25)
     heldout_r10 = _recall(semantic, targets)[0]
-    tower = train(texts, vectors, settings)
+    tower = pretrained or train(texts, vectors, settings)
     record = {
-        "kind": Tower.kind,
+        "kind": tower.kind,
         "columns": columns,
         "rows": len(texts),
-        "epochs": settings.epochs,
         "device": str(tower.device),
-        "settings": {k: v for k, v in asdict(settings).items() if k != "device"},
         "heldout": {
             "rows": len(held),
             "title_r10": round(heldout_r10, 4),
@@ -289,6 +343,9 @@ def train_and_tune(
         },
         "seconds": round(time.time() - started, 2),
     }
+    if pretrained is None:
+        record["epochs"] = settings.epochs
+        record["settings"] = {k: v for k, v in asdict(settings).items() if k != "device"}
     return tower, record
 
 
@@ -323,10 +380,16 @@ def _brief(tuned: dict) -> dict:
     return {"weights": tuned["weights"], "r10": tuned["r10"], "mrr": tuned["mrr"]}
 
 
-def build(docs: pa.Table, vectors: np.ndarray, root: str, settings: Settings = Settings()) -> dict:
+def build(
+    docs: pa.Table,
+    vectors: np.ndarray,
+    root: str,
+    settings: Settings = Settings(),
+    pretrained: ClipTower | None = None,
+) -> dict:
     """The build step: the manifest's `text_tower` record, {"skipped": why} when the docs
     have no text or too few rows; else the tower trained and written under the version root
-    (atomically, its sha256 recorded)."""
+    (atomically, its sha256 recorded), or with `pretrained` (CLIP's own) its weights named."""
     columns = fulltext.text_columns(docs)
     if not columns:
         return {"skipped": "the docs have no text columns"}
@@ -335,16 +398,31 @@ def build(docs: pa.Table, vectors: np.ndarray, root: str, settings: Settings = S
     if docs.num_rows > MAX_ROWS:
         keep = np.sort(np.random.default_rng(0).permutation(docs.num_rows)[:MAX_ROWS])
         docs, vectors = docs.take(pa.array(keep)), vectors[keep]
-    tower, record = train_and_tune(docs, vectors, settings)
+    tower, record = train_and_tune(docs, vectors, settings, pretrained=pretrained)
+    if pretrained is not None:
+        return {"weights_uri": pretrained.uri, "weights": pretrained.weights_id, **record}
     data = tower.to_bytes()
     storage.write_bytes(storage.join(root, FILE), data)
     return {"file": FILE, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), **record}
 
 
-def load(version_root: str, record: dict | None, device: str | None = None) -> Tower | None:
-    """The version's tower (its sha256 checked against the manifest), None when it has none."""
-    if not record or "file" not in record:
+def _has_tower(record: dict | None) -> bool:
+    return bool(record) and ("file" in record or record.get("kind") == ClipTower.kind)
+
+
+def load(
+    version_root: str, record: dict | None, device: str | None = None
+) -> Tower | ClipTower | None:
+    """The version's tower (its file's or CLIP weights' hash checked against the manifest),
+    None when it has none."""
+    if not _has_tower(record):
         return None
+    if record["kind"] == ClipTower.kind:
+        tower = ClipTower(record["weights_uri"], device)
+        if tower.weights_id != record["weights"]:
+            raise ValueError(f"{record['weights_uri']}: weights {tower.weights_id} changed "
+                             f"since the build ({record['weights']})")  # fmt: skip
+        return tower
     check_relative(record["file"], "text tower file")
     data = storage.read_bytes(storage.join(version_root, record["file"]))
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
@@ -354,6 +432,6 @@ def load(version_root: str, record: dict | None, device: str | None = None) -> T
 
 def weights(record: dict | None, kind: str) -> dict[str, float] | None:
     """The tuned fusion weights of `kind` ("text": GET, "hybrid": POST), None without them."""
-    if not record or "file" not in record:
+    if not _has_tower(record):
         return None
     return record["fusion"][kind]["weights"]
