@@ -68,8 +68,9 @@ def test_for_model_only_for_clips_own_vectors(clip, tmp_path):
     assert texttower.ClipTower.for_model({**model, "model_id": "resnet50"}, path) is None
     assert texttower.ClipTower.for_model({**model, "head": {"dim": 128}}, path) is None
     assert texttower.ClipTower.for_model(model, None) is None
-    named = texttower.ClipTower.for_model({**model, "weights_uri": path}, None)
-    assert named.weights_id == tower.weights_id and named.uri == tower.uri
+    for given in (None, "/no/such/base.pt"):  # tuned weights, named by the entry, come first
+        named = texttower.ClipTower.for_model({**model, "weights_uri": path}, given)
+        assert named.weights_id == tower.weights_id and named.uri == tower.uri
     with pytest.raises(ValueError, match="differ from the catalog vectors"):
         texttower.ClipTower.for_model({**model, "weights": "sha256:" + "0" * 64}, path)
 

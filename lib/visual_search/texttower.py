@@ -175,9 +175,9 @@ class ClipTower:
     @classmethod
     def for_model(cls, model: dict, weights: str | None) -> ClipTower | None:
         """CLIP's text tower for the embeddings' `model` entry: None unless it is clip-vit-b-32
-        (without a projection head) and its weights are given or named by the entry; the
-        weights must be the ones the vectors were made with."""
-        weights = weights or model.get("weights_uri")
+        (without a projection head) and its weights are named by the entry (tuned) or given;
+        they must be the ones the vectors were made with."""
+        weights = model.get("weights_uri") or weights
         if model.get("model_id") != cls.model_id or model.get("head") or not weights:
             return None
         tower = cls(weights)
