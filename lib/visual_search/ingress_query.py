@@ -15,6 +15,7 @@ from fastapi import Request, Response
 from ray import serve
 
 from visual_search import (
+    background,
     embedders,
     fanout,
     filters,
@@ -185,12 +186,15 @@ class QueryPath:
                     raise ApiError(408, "timeout", f"upload not received within {limit} s") from exc
 
     async def _embed(
-        self, state: State, data: bytes, stage: Stages
+        self, state: State, data: bytes, stage: Stages, low: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(query vector (1, d), the preprocessed pixels it was embedded from)."""
+        """(query vector (1, d), the preprocessed pixels it was embedded from). `low`: decode
+        and embed (when the ingress embeds) at low CPU priority, as a PUT's photo is, so that
+        writes never slow the queries (background.py)."""
+        run = background.run if low else asyncio.to_thread
         with stage("decode"):
             try:
-                pixels = await asyncio.to_thread(
+                pixels = await run(
                     images.load,
                     data,
                     self.preprocess,
@@ -202,10 +206,12 @@ class QueryPath:
                     httpapi.IMAGE_STATUS.get(exc.code, 422), exc.code, exc.detail
                 ) from exc
         with stage("embed"):
-            if state.local is not None:
-                vector = await state.local.embed(pixels)
-            else:
+            if state.local is None:
                 vector = await self.embedder.embed.remote(pixels)
+            elif low:  # alone, not in a batch of queries
+                vector = (await background.run(state.local.embedder.embed, pixels[None]))[0]
+            else:
+                vector = await state.local.embed(pixels)
         return np.asarray(vector, np.float32)[None], pixels
 
     async def _search(self, state: State, coverage, probe, k, flt, exclude, prefer, group_of):

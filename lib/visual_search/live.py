@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from visual_search import filters, index, query, storage, updates
+from visual_search import background, filters, index, query, storage, updates
 from visual_search.manifest import check_relative
 from visual_search.search import merge_topk
 from visual_search.versions import Version
@@ -45,7 +45,9 @@ class Follower:
 
     async def catch_up(self) -> int:
         start = self.overlay.position
-        found = await asyncio.to_thread(lambda: list(updates.follow(self.index_root, start)))
+        # Read at low priority: on a busy replica the searches go first. Applied here, at the
+        # searches' priority, since they wait on the lock.
+        found = await background.run(lambda: list(updates.follow(self.index_root, start)))
         with self.lock:
             for pos, batch in found:
                 self.overlay.apply(pos, batch)

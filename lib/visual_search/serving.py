@@ -249,7 +249,7 @@ class Ingress(QueryPath):
             fields = live.check_metadata(metadata, state.docs.table)
         except ValueError as exc:
             raise ApiError(400, "bad_metadata", str(exc)) from exc
-        vector, _ = await self._embed(state, data, Stages())
+        vector, _ = await self._embed(state, data, Stages(), low=True)
         uri = updates.image_uri(self.index_root, data, images.media_type(data))
         model = updates.model_key(state.version.manifest.model)
         try:
