@@ -57,3 +57,18 @@ def test_torch_threads_started_from_a_lowered_thread_inherit_its_priority():
     t.join()
     assert seen["own"] == min(19, _nice() + background.NICE)
     assert seen["team"] == {seen["own"]}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling is Linux's")
+def test_idle_priority_is_sched_idle():
+    seen = {}
+
+    def work():
+        background.lower_priority(idle=True)
+        seen["policy"] = os.sched_getscheduler(threading.get_native_id())
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen["policy"] == os.SCHED_IDLE
+    assert os.sched_getscheduler(threading.get_native_id()) != os.SCHED_IDLE

@@ -24,10 +24,17 @@ NICE = 10  # added to the process's: CFS gives a nice-10 thread ~1/10 of a nice-
 THREADS = 2
 
 
-def lower_priority(nice: int = NICE) -> None:
-    """Raise the calling thread's nice value by `nice` (19 at most); a no-op where the OS
-    has no per-thread priority."""
+def lower_priority(nice: int = NICE, idle: bool = False) -> None:
+    """Lower the calling thread's CPU priority: its nice value raised by `nice` (19 at most),
+    or with `idle` SCHED_IDLE (it runs only on cores nothing else wants; nice 19 where that is
+    refused). A no-op where the OS has no per-thread priority."""
     tid = threading.get_native_id()
+    if idle:
+        try:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            return
+        except (AttributeError, OSError):
+            nice = 19
     try:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
     except (AttributeError, OSError) as exc:  # not Linux, or a sandbox that refuses it

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from visual_search import devices, images, schema, storage
+from visual_search import background, devices, images, schema, storage
 
 DETAIL_MAX = 500
 # Schema of the decode stage's output: pixels are null for rows that failed; decoded_at (Unix
@@ -47,16 +45,10 @@ def read_and_decode(
 
 
 # Where decoding and the model share a machine's cores, the embed job's decoding threads run
-# as SCHED_IDLE (nice 19 where that is refused): the model's threads keep their cores (one
-# preempted thread stalls every step of a batch) and decoding takes what the model leaves
-# (bench/embed.py --large measures the job and how long the model waited for input).
-def _lower_priority() -> None:
-    tid = threading.get_native_id()
-    try:
-        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))  # Linux: per thread
-    except (OSError, AttributeError):
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, tid, 19)
+# as SCHED_IDLE: the model's threads keep their cores (one preempted thread stalls every step
+# of a batch) and decoding takes what the model leaves (bench/embed.py --large measures the
+# job and how long the model waited for input).
+_idle_priority = functools.partial(background.lower_priority, idle=True)
 
 
 def decode_batch(
@@ -75,7 +67,7 @@ def decode_batch(
     """
     uris = batch["image_uri"].to_pylist()
     threads = min(io_threads, max(1, len(uris)))
-    init = _lower_priority if yield_cores else None
+    init = _idle_priority if yield_cores else None
     with ThreadPoolExecutor(threads, initializer=init) as pool:
         results = list(pool.map(lambda u: read_and_decode(u, preprocess, limits), uris))
     pixels, errors, details = zip(*results, strict=True) if results else ((), (), ())
