@@ -18,6 +18,7 @@ import sys
 
 import faiss
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from ray import cloudpickle
@@ -717,3 +718,18 @@ def test_main_reports_a_missing_dataset(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "[build_index] error:" in err and "no-such-dataset" in err
     assert read_current(tmp_path / "index") is None
+
+
+def test_shard_docs_are_its_rows_of_the_mapped_docs(builds):
+    """ShardIndex.docs is its id range of the node's mapped docs (not a heap copy), and
+    ids_of finds a product's ids in this shard by the sorted product index."""
+    index_root, _ = builds[FACTORIES[0]]
+    v = versions.open_version(index_root)
+    for i, entry in enumerate(v.manifest.shards):
+        shard = query.ShardIndex(v, i)
+        want = v.read_docs(i).sort_by("id")
+        assert shard.docs["id"].to_pylist() == list(range(*entry.id_range))
+        assert shard.docs.select(want.column_names).equals(want.combine_chunks())
+        for pid in want["product_id"].to_pylist()[::37] + ["no-such-product"]:
+            scan = want.filter(pc.equal(want["product_id"], pid))["id"].to_numpy()
+            np.testing.assert_array_equal(shard.ids_of(pid), scan)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from visual_search import background, filters, index, query, storage, updates
 from visual_search.manifest import check_relative
@@ -122,15 +121,10 @@ class LiveShard:
         self.lock = threading.Lock()
         key = updates.model_key(m.model)
         start = updates.check_reachable(index_root, updates.Position.of(m.updates_through))
-        self.overlay = updates.Overlay(self._base_ids, start, key, self._add)
+        self.overlay = updates.Overlay(self.base.ids_of, start, key, self._add)
         self.follower = Follower(index_root, self.overlay, self.lock)
         self._snap: _Snapshot | None = None
         self._snap_at = -1
-
-    def _base_ids(self, product_id: str) -> np.ndarray:
-        docs = self.base.docs
-        mask = pc.equal(docs["product_id"], product_id)
-        return docs["id"].filter(mask).to_numpy().astype(np.int64)
 
     def _add(self, u: updates.Update) -> None:
         if u.seq % self.n == self.i:

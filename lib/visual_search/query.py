@@ -70,7 +70,10 @@ class ShardIndex:
         except ValueError as e:
             raise ValueError(f"shard {i}: {e}") from None
         self.id_space = hi - self.offset  # the ids the inner index sees are below this
-        self.docs = version.read_docs(i).combine_chunks()
+        # This shard's rows of the node's memory-mapped docs (docstore): not in the heap.
+        table, self.products = docstore.open_docs(version)
+        self.lo, self.hi = lo, hi
+        self.docs = table.slice(lo, hi - lo)
         self.members: OrderedDict[str, Members] = OrderedDict()  # filter key -> its items
         self.lock = threading.Lock()
         self.map_lock = threading.Lock()
@@ -127,6 +130,11 @@ class ShardIndex:
         if (ids >= 0).sum(axis=1).min() < min(k, expected):
             scores, ids = index.search(self.inner, vectors, k, self.params, selector, True)
         return scores, np.where(ids >= 0, ids + self.offset, -1)
+
+    def ids_of(self, product_id: str) -> np.ndarray:
+        """This shard's ids of a product (a binary search of the sorted product index)."""
+        rows = self.products.rows_of(product_id)
+        return rows[(rows >= self.lo) & (rows < self.hi)]
 
     def text_search(self, text: str, k: int, flt: filters.Filter | None = None):
         """(scores, ids) (1, k) by BM25 over the docs' text (ids -1 when fewer match); empty
