@@ -16,7 +16,9 @@
    - POST /search?k=10 with a real catalog photo;
    - GET /products/{id}/similar?k=10 of a seeded random product (real or filler).
    p50 and p90 per size and the large / small ratio of the p50s (the goal: <= 1.2).
-4. Each app's ingress replica's PSS (psutil) after the requests, and the ratio.
+4. After the requests, each app's ingress and shard replicas' PSS (/proc/PID/smaps_rollup),
+   split into anonymous memory (the heap) and file-backed pages (the mapped index and docs:
+   shared page cache the kernel can reclaim), and the large / small ratios.
 Prints `key value` lines and writes everything to --json.
 """
 
@@ -126,19 +128,38 @@ def paired(base: str, args, photos: list[tuple], pids: dict[str, list[str]]) -> 
     return lat
 
 
-def ingress_pss() -> dict[str, int]:
-    """PSS of each app's ingress replica (bytes), by app name."""
-    out = {}
-    for p in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            cmd = " ".join(p.info["cmdline"] or [])
-            for size in SIZES:
-                if f"ServeReplica:{size}:Ingress" in cmd:
-                    out[size] = out.get(size, 0) + p.memory_full_info().pss
+ROLLUP = ("Pss", "Pss_Anon", "Pss_File", "Pss_Shmem")
+
+
+def _rollup(pid: int) -> dict[str, int]:
+    """PSS of a process and its split (bytes): anonymous (the heap) vs file-backed (mapped
+    files: the index and the docs, page cache that the kernel can reclaim and that every
+    replica on the node shares)."""
+    out = dict.fromkeys(ROLLUP, 0)
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in out:
+                out[key] = int(rest.split()[0]) * 1024
     return out
 
 
-def report(lat: dict, pss: dict, results: dict) -> None:
+def replica_memory() -> dict[str, dict[str, dict[str, int]]]:
+    """{"ingress" | "shards": {app: the summed smaps_rollup of its replicas}}."""
+    out = {"ingress": {}, "shards": {}}
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            cmd = " ".join(p.info["cmdline"] or [])
+            for size in SIZES:
+                for role, tag in (("ingress", "Ingress"), ("shards", "ShardSearcher-")):
+                    if f"ServeReplica:{size}:{tag}" in cmd:
+                        got, mine = _rollup(p.pid), out[role].setdefault(size, {})
+                        for key, value in got.items():
+                            mine[key] = mine.get(key, 0) + value
+    return out
+
+
+def report(lat: dict, memory: dict, results: dict) -> None:
     for kind in ("search", "similar"):
         p50 = {s: float(np.percentile(lat[s][kind], 50)) for s in SIZES}
         for s in SIZES:
@@ -151,11 +172,17 @@ def report(lat: dict, pss: dict, results: dict) -> None:
             "p50_ratio": p50["large"] / p50["small"],
             "requests": {s: len(lat[s][kind]) for s in SIZES},
         }
-    for s in SIZES:
-        say(f"ingress_pss_{s}_mb", round(pss.get(s, 0) / 2**20, 1))
-    if pss.get("small"):
-        say("ingress_pss_ratio_large_over_small", round(pss["large"] / pss["small"], 3))
-    results["ingress_pss_bytes"] = pss
+    for role, by_size in memory.items():
+        for s in SIZES:
+            for key, value in by_size.get(s, {}).items():
+                say(f"{role}_{key.lower()}_{s}_mb", round(value / 2**20, 1))
+        if by_size.get("small"):
+            for key in ("Pss", "Pss_Anon"):
+                ratio = by_size["large"][key] / max(1, by_size["small"][key])
+                say(f"{role}_{key.lower()}_ratio_large_over_small", round(ratio, 3))
+    results["memory_bytes"] = memory
+    ingress = memory["ingress"]
+    results["ingress_pss_bytes"] = {s: ingress.get(s, {}).get("Pss", 0) for s in SIZES}
 
 
 def parse_args(argv):
@@ -197,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         base = f"http://127.0.0.1:{port}"
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         deploy({s: b["root"] for s, b in built.items()}, base)
-        report(paired(base, args, photos, pids), ingress_pss(), results)
+        report(paired(base, args, photos, pids), replica_memory(), results)
         complete = True
     finally:
         finish(args, work, results, complete)
