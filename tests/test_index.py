@@ -437,3 +437,20 @@ def test_to_from_bytes_roundtrip(ivf_bytes, ds):
         b = vi.search(back, ds.get_queries(), 10, {"nprobe": nprobe})
         np.testing.assert_array_equal(a[0], b[0])
         np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_mmap_keeps_a_refine_stages_raw_vectors_out_of_the_heap(tmp_path, ds):
+    """IO_FLAG_MMAP_IFC: the RFlat stage's vectors are a view of the mapped file, not a copy."""
+    index = vi.make_template("IDMap,IVF8,PQ8x4fs,RFlat", D, "ip")
+    index.train(ds.get_train())
+    index.add_with_ids(ds.get_database(), np.arange(ds.nb, dtype=np.int64))
+    uri = str(tmp_path / "refine.faiss")
+    digest, _ = vi.write_index(index, uri)
+    expected = index.search(ds.get_queries(), 5)
+    for mmap in (False, True):
+        back = vi.read_index(uri, sha256=digest, mmap=mmap)
+        refine = faiss.downcast_index(faiss.downcast_index(back).index)
+        flat = faiss.downcast_index(refine.refine_index)
+        assert flat.codes.size() == ds.nb * D * 4 and flat.codes.is_owned == (not mmap)
+        got = back.search(ds.get_queries(), 5)
+        np.testing.assert_array_equal(got[1], expected[1])

@@ -269,10 +269,15 @@ def read_index(uri: str, sha256: str | None = None, mmap: bool = True) -> faiss.
         actual = storage.sha256_file(path)
         if actual != sha256:
             raise ValueError(f"{uri}: sha256 {actual} does not match the manifest's {sha256}")
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    try:
-        return faiss.read_index(path, flags)
-    except RuntimeError:
-        if not flags:
-            raise
-        return faiss.read_index(path)  # a type that cannot be memory-mapped
+    if not mmap:
+        return faiss.read_index(path)
+    # MMAP maps IVF lists, MMAP_IFC the codes of flat-code indexes (a Refine stage's raw
+    # vectors, fast-scan PQ codes): a shard's vectors stay in the page cache, not the heap.
+    # faiss refuses both at once for plain IVF lists, and either for some types.
+    ro = faiss.IO_FLAG_READ_ONLY
+    for flags in (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC | ro, faiss.IO_FLAG_MMAP | ro):
+        try:
+            return faiss.read_index(path, flags)
+        except RuntimeError:
+            continue
+    return faiss.read_index(path)  # a type that cannot be memory-mapped
