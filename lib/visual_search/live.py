@@ -115,7 +115,7 @@ class LiveShard:
         m = version.manifest
         self.base = query.ShardIndex(version, i, mmap)
         self.i, self.n, self.metric = i, len(m.shards), m.metric
-        self.lo, self.hi = m.shards[i].id_range
+        self.lo, self.hi = self.base.lo, self.base.hi
         self.delta = empty_index(version)
         self.vectors: dict[int, np.ndarray] = {}
         self.lock = threading.Lock()

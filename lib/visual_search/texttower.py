@@ -149,13 +149,14 @@ class ClipTower:
     kind = "clip"
     model_id = "clip-vit-b-32"
 
-    def __init__(self, weights: str, device: str | None = None):
+    def __init__(self, weights: str, device: str | None = None, weights_id: str | None = None):
+        """`weights_id`: the file's, when the caller has hashed it already."""
         import open_clip
 
         from visual_search import embedders
 
         self.uri = storage.normalize(weights)
-        self.weights_id = embedders.weights_id(self.model_id, weights)
+        self.weights_id = weights_id or _clip_weights_id(weights)
         self.device = devices.torch_device(device)
         model = embedders.clip_model(weights)
         model.visual = None  # the image side lives in the embedder
@@ -180,13 +181,19 @@ class ClipTower:
         weights = model.get("weights_uri") or weights
         if model.get("model_id") != cls.model_id or model.get("head") or not weights:
             return None
-        tower = cls(weights)
-        if tower.weights_id != model.get("weights"):
+        got = _clip_weights_id(weights)  # checked before the model is built
+        if got != model.get("weights"):
             raise ValueError(
-                f"CLIP weights {tower.weights_id} differ from the catalog vectors' "
+                f"CLIP weights {got} differ from the catalog vectors' "
                 f"{model.get('weights')}: its text would not land next to their photos"
             )
-        return tower
+        return cls(weights, weights_id=got)
+
+
+def _clip_weights_id(weights: str) -> str:
+    from visual_search import embedders
+
+    return embedders.weights_id(ClipTower.model_id, weights)
 
 
 def train(texts: list[str], vectors: np.ndarray, settings: Settings = Settings()) -> Tower:
@@ -418,11 +425,11 @@ def load(
     if not _has_tower(record):
         return None
     if record["kind"] == ClipTower.kind:
-        tower = ClipTower(record["weights_uri"], device)
-        if tower.weights_id != record["weights"]:
-            raise ValueError(f"{record['weights_uri']}: weights {tower.weights_id} changed "
+        got = _clip_weights_id(record["weights_uri"])
+        if got != record["weights"]:
+            raise ValueError(f"{record['weights_uri']}: weights {got} changed "
                              f"since the build ({record['weights']})")  # fmt: skip
-        return tower
+        return ClipTower(record["weights_uri"], device, got)
     check_relative(record["file"], "text tower file")
     data = storage.read_bytes(storage.join(version_root, record["file"]))
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
