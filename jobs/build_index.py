@@ -28,6 +28,7 @@ from jobs import cli
 from visual_search import (
     cluster,
     devices,
+    embed_pool,
     embeddings,
     filters,
     fulltext,
@@ -139,6 +140,8 @@ def _train(cfg: Config, dataset, factory: str, train_ids: np.ndarray, root: str,
         _say(f"reusing the trained template {cfg.template} ({factory})")
     else:
         gpus = 1 if devices.cluster_gpus(cfg.gpus) > 0 else 0
+        if gpus:  # idle warm embedding actors hold GPUs (embed_pool.py)
+            embed_pool.release_idle()
         train = ray.remote(train_template).options(num_gpus=gpus, runtime_env=env)
         trained = ray.get(train.remote(dataset, factory, cfg.metric, train_ids, None))
         grid = index.param_grid(index.make_template(factory, d, cfg.metric))

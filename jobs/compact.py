@@ -29,7 +29,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs import build_index, cli
-from visual_search import cluster, devices, embeddings, schema, storage, updates, versions
+from visual_search import (
+    cluster,
+    devices,
+    embed_pool,
+    embeddings,
+    schema,
+    storage,
+    updates,
+    versions,
+)
 from visual_search.manifest import IndexManifest
 from visual_search.updates import UPSERT, Position, Update
 
@@ -96,6 +105,8 @@ def _vectors(ups: list[Update], model: dict, dim: int) -> np.ndarray:
     _say(f"{len(stale):,} upsert(s) carry no vector of the live model: re-embedding their photos")
     cluster.init()
     gpus = 1 if devices.cluster_gpus() > 0 else 0
+    if gpus:  # idle warm embedding actors hold GPUs (embed_pool.py)
+        embed_pool.release_idle()
     task = ray.remote(embeddings.embed_photos).options(
         num_gpus=gpus, runtime_env=cluster.runtime_env()
     )

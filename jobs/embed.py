@@ -2,8 +2,10 @@
 
     python jobs/embed.py --catalog URI --out URI [--model NAME] [--batch-size N] [--concurrency N]
 
-Streaming: list catalog -> read + decode + preprocess (CPU tasks) -> embed (actor pool; one GPU
-per actor when the cluster has GPUs) -> the driver assembles fixed-size partitions by row number
+Streaming: list catalog -> blocks of rows to a warm pool of embedding actors (embed_pool.py:
+started once, reused by the next jobs) -> without GPUs each actor reads, decodes and embeds its
+blocks; with GPUs Ray Data decodes in CPU tasks and the actors (one GPU each) embed -> the
+driver assembles fixed-size partitions by row number
 and writes each one atomically as embeddings/part-NNNNN.parquet + errors/part-NNNNN.parquet.
 A rerun with the same --out skips finished partitions; manifest.json is written last.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -26,13 +29,14 @@ from visual_search import (
     catalog,
     cluster,
     devices,
+    embed_pool,
     embedders,
     images,
     partitions,
+    pipeline,
     storage,
 )
 from visual_search.manifest import EmbeddingsManifest
-from visual_search.pipeline import EmbedBatch, decode_and_embed
 
 
 @dataclass(frozen=True)
@@ -47,18 +51,24 @@ class Config:
     # Images per model call. On CPU, 8 to 32 run at the same rate (149 / 145 / 143 images/s on
     # 2 cores) and 64 is slower (111): bench/embed.py --model-sweep. On a GPU use 128-256.
     batch_size: int = 32
-    concurrency: int | None = None  # embedding actors; default: one per GPU, else 1
+    concurrency: int | None = None  # embedding actors; default: one per GPU, else one per node
     gpus: int | None = None  # GPUs to use (default: those the cluster has now; see --gpus)
-    # CPU actors: torch threads (default: all cores; decoding yields to them, pipeline.py)
+    # CPU actors: torch threads, also the decoding threads (default: their node's cores)
     threads_per_actor: int | None = None
-    decode_batch_size: int = 16  # images per decode call, each read on a thread (S3 latency)
+    # Where images are decoded: "actors" (each reads and decodes its own blocks, taking turns
+    # with the model on all cores), "tasks" (Ray Data CPU tasks apart from the actors), or
+    # "auto": actors without GPUs, tasks with them (embed_pool.py has the measurements).
+    decode: str = "auto"
+    decode_batch_size: int = 16  # "tasks": images per decode call, each read on a thread
+    keep_warm_s: float = embed_pool.KEEP_WARM_S  # idle actors exit after this
     partition_size: int = 1000
     limits: images.Limits = images.Limits()
     device: str | None = None
     s3_endpoint: str | None = None
     overwrite: bool = False
     progress_every_s: float = 10.0
-    # Object store bytes the pipeline may hold in flight (None: 8 batches per actor, >= 128 MiB).
+    # "tasks": object store bytes of decoded blocks in flight (None: 8 batches per actor,
+    # >= 128 MiB).
     # Bounded so that fast decoding cannot run ahead of the model by the size of the catalog.
     inflight_bytes: int | None = None
 
@@ -161,61 +171,70 @@ class _Progress:
         }
 
 
-def _stream(cfg: Config, cat: catalog.Catalog, todo_rows: pa.Array, dim: int):
-    """Build the Ray Data pipeline over the catalog rows still to do; yields output batches."""
+def _stream(cfg: Config, cat: catalog.Catalog, todo_rows: pa.Array, pool: embed_pool.Pool):
+    """The catalog rows still to do through the pool; yields output batches."""
+    table = pa.table({"row": todo_rows, "image_uri": cat.table["image_uri"].take(todo_rows)})
+    pre = embedders.preprocess_for(cfg.model, cfg.preprocess)
+    where = f"{len(pool.actors)} {cfg.model} actor(s)" + (
+        " on GPU, decoding in CPU tasks" if pool.gpus else " on CPU, each reading and decoding"
+    )
+    if _decodes_in_actors(cfg, pool):
+        # A block is one model batch: the actor reads the next one while it embeds this one.
+        blocks = [table.slice(i, cfg.batch_size) for i in range(0, len(table), cfg.batch_size)]
+        print(f"[embed] {len(table):,} images in {len(blocks)} blocks; {where}", flush=True)
+        yield from pool.map(blocks, (pre, cfg.limits))
+        return
+    print(f"[embed] {len(table):,} images; {where}", flush=True)
+    yield from pool.map(embed_pool.blocks_of(_decoded(cfg, table, pre, len(pool.actors))), None)
+
+
+def _decodes_in_actors(cfg: Config, pool: embed_pool.Pool) -> bool:
+    return cfg.decode == "actors" or (cfg.decode == "auto" and pool.decodes)
+
+
+def _decoded(cfg: Config, table: pa.Table, pre: images.Preprocess, actors: int):
+    """Ray Data decoding on CPU workers, apart from the embedding actors, with at most
+    `inflight_bytes` of decoded blocks in the object store (decoding cannot run ahead of the
+    model by the size of the catalog)."""
     import ray
 
-    gpus = devices.cluster_gpus(cfg.gpus)
-    concurrency = cfg.concurrency or (max(1, int(gpus)) if gpus else 1)
     n_cpus = int(ray.cluster_resources().get("CPU", 1))
-    threads = None if gpus else (cfg.threads_per_actor or max(1, n_cpus // concurrency))
-
-    table = pa.table({"row": todo_rows, "image_uri": cat.table["image_uri"].take(todo_rows)})
     # Small blocks (16-64 rows) so that even a small catalog spreads over all decode workers
     # and the first decoded block reaches the model early.
     block = max(cfg.decode_batch_size, min(64, math.ceil(len(table) / (4 * n_cpus))))
     blocks = [table.slice(i, block) for i in range(0, len(table), block)]
-    print(
-        f"[embed] {len(table):,} images to embed in {len(blocks)} blocks; "
-        f"{concurrency} {cfg.model} actor(s) on {'GPU' if gpus else f'CPU, {threads} threads'}",
-        flush=True,
-    )
-    size = embedders.preprocess_for(cfg.model, cfg.preprocess).size
-    inflight = cfg.inflight_bytes or max(128 << 20, concurrency * cfg.batch_size * 8 * size**2 * 3)
+    inflight = cfg.inflight_bytes or max(128 << 20, actors * cfg.batch_size * 8 * pre.size**2 * 3)
     ctx = ray.data.DataContext.get_current()
     saved_limits = ctx.execution_options.resource_limits
     ctx.execution_options.resource_limits = saved_limits.copy(object_store_memory=inflight)
     try:
-        yield from _pipeline(cfg, blocks, concurrency, gpus, threads)
+        decode = {"preprocess": pre, "limits": cfg.limits, "batch_size": cfg.decode_batch_size}
+        # yield_cores: the model keeps its cores; decoding takes what it leaves
+        return pipeline.decode_stage(ray.data.from_arrow(blocks), {**decode, "yield_cores": True})
     finally:
         ctx.execution_options.resource_limits = saved_limits
 
 
-def _pipeline(cfg: Config, blocks: list[pa.Table], concurrency: int, gpus: float, threads):
-    import ray
-
-    ds = ray.data.from_arrow(blocks)
-    decode = {
-        "preprocess": embedders.preprocess_for(cfg.model, cfg.preprocess),
-        "limits": cfg.limits,
-        "batch_size": cfg.decode_batch_size,
-        "yield_cores": True,  # the model keeps its cores; decoding takes what it leaves
-    }
-    model = (
+def start_pool(cfg: Config, model: dict) -> embed_pool.Pool:
+    """The warm embedding actors for cfg's model (started when none are)."""
+    build = functools.partial(
+        embedders.create,
         cfg.model,
-        cfg.weights,
-        cfg.random_weights,
-        cfg.preprocess,
-        cfg.device,
-        threads,
+        weights=cfg.weights,
+        device=cfg.device,
+        random_weights=cfg.random_weights,
+        preprocess_mode=cfg.preprocess,
+        head=cfg.head,
     )
-    embed = {
-        "cls": EmbedBatch,
-        "args": (*model, cfg.head),
-        "batch_size": cfg.batch_size,
-    }
-    ds = decode_and_embed(ds, decode, embed, gpus, concurrency)
-    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    return embed_pool.Pool(
+        build,
+        {**model, "device": cfg.device},
+        gpus=devices.cluster_gpus(cfg.gpus),
+        concurrency=cfg.concurrency,
+        threads=cfg.threads_per_actor,
+        keep_warm_s=cfg.keep_warm_s,
+        runtime_env=cluster.runtime_env(),
+    ).start()
 
 
 def _round(x: float | None) -> float | None:
@@ -225,7 +244,7 @@ def _round(x: float | None) -> float | None:
 def _embed_partitions(
     cfg: Config,
     cat: catalog.Catalog,
-    dim: int,
+    model: dict,
     todo: list[int],
     writer: partitions.Writer,
 ) -> dict:
@@ -235,8 +254,15 @@ def _embed_partitions(
     if todo:
         cluster.init()
     t0 = time.monotonic()
-    progress = _Progress(0, cfg.progress_every_s)
+    progress, started = _Progress(0, cfg.progress_every_s), {}
     if todo:
+        pool = start_pool(cfg, model)
+        started = pool.started
+        print(
+            f"[embed] {started['actors']} embedding actor(s) ready in "
+            f"{started['actors_start_s']:.1f}s ({started['actors_warm']} already warm)",
+            flush=True,
+        )
         size = cfg.partition_size
         rows = pa.array(
             np.concatenate(
@@ -244,7 +270,7 @@ def _embed_partitions(
             ).astype(np.int64)
         )
         progress.total = len(rows)
-        for batch in _stream(cfg, cat, rows, dim):
+        for batch in _stream(cfg, cat, rows, pool):
             writer.add(batch)
             progress.add(batch)
         if writer.pending or len(writer.records) != len(todo):
@@ -253,6 +279,7 @@ def _embed_partitions(
     return {
         "ray_start_s": round(t0 - ray_start, 3),
         "pipeline_s": round(time.monotonic() - t0, 3),
+        **started,
         **progress.timings(),
     }
 
@@ -280,7 +307,7 @@ def run(cfg: Config) -> EmbeddingsManifest:
     )
 
     writer = partitions.Writer(cfg.out, cfg.partition_size, cat)
-    run_timings = _embed_partitions(cfg, cat, model["dim"], todo, writer)
+    run_timings = _embed_partitions(cfg, cat, model, todo, writer)
     seconds = run_timings["pipeline_s"]
     processed = sum(e + r for e, r in writer.records.values())
     records = [writer.records.get(i) or partitions.part_rows(cfg.out, i) for i in range(n_parts)]
@@ -319,7 +346,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preprocess", default="pad", choices=["pad", "crop"])
     p.add_argument("--head", help="projection head file URI (jobs/train_head.py output)")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call")
-    p.add_argument("--concurrency", type=int, help="embedding actors (default: GPUs, else 1)")
+    p.add_argument(
+        "--concurrency", type=int, help="embedding actors (default: one per GPU, else per node)"
+    )
 
 
 def config_from_args(args: argparse.Namespace, out: str | None = None) -> Config:
@@ -336,6 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output dataset URI (local path or s3://)")
     p.add_argument("--gpus", type=int, help=devices.GPUS_HELP)
     p.add_argument("--threads-per-actor", type=int, help="torch threads per CPU actor")
+    p.add_argument(
+        "--decode",
+        choices=["auto", "actors", "tasks"],
+        default="auto",
+        help="decode in the embedding actors or in CPU tasks (auto: actors without GPUs)",
+    )
+    p.add_argument(
+        "--keep-warm",
+        dest="keep_warm_s",
+        type=float,
+        default=embed_pool.KEEP_WARM_S,
+        help="seconds idle embedding actors stay up for the next job",
+    )
     p.add_argument("--partition-size", type=int, default=1000, help="rows per output file")
     p.add_argument("--max-pixels", type=int, default=images.Limits.max_pixels)
     p.add_argument("--max-bytes", type=int, default=images.Limits.max_bytes)
@@ -348,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return cli.exit_code("embed", lambda: run(config_from_args(args)), (JobError,), log=True)
+    errors = (JobError, embed_pool.PoolError)
+    return cli.exit_code("embed", lambda: run(config_from_args(args)), errors, log=True)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import signal
 import sys
@@ -52,7 +53,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs import cli
-from visual_search import cluster, devices, embedders, images, schema, storage, updates, versions
+from visual_search import (
+    cluster,
+    devices,
+    embed_pool,
+    embedders,
+    images,
+    pipeline,
+    schema,
+    storage,
+    updates,
+    versions,
+)
 from visual_search.feed import (
     DETAIL_MAX,
     FeedError,
@@ -62,7 +74,6 @@ from visual_search.feed import (
     list_feed,
     parse_file,
 )
-from visual_search.pipeline import EmbedBatch, decode_and_embed, start_worker
 from visual_search.updates import DELETE, UPSERT, Position, Update
 
 MAX_FILE_BYTES = 256 << 20
@@ -75,7 +86,7 @@ class Config:
     feed: str
     poll_s: float = 2.0
     batch_rows: int = 64
-    round_batches: int = 8  # batches per Ray Data pipeline: the model loads once per round
+    round_batches: int = 8  # batches embedded per round (the actors stay warm between rounds)
     once: bool = False
     s3_endpoint: str | None = None
     progress_every_s: float = 5.0
@@ -93,45 +104,44 @@ class StreamError(RuntimeError):
 # ------------------------------------------------------------------------ embedding
 
 
-class _LiveEmbed(EmbedBatch):
-    """EmbedBatch with the live version's own model: from_model_dict refuses other weights."""
-
-    def __init__(self, model: dict, device: str | None, threads: int | None):
-        start_worker(threads)
-        self.ready(embedders.from_model_dict(model, device=device))
-
-
 def embed_uris(cfg: Config, model: dict, table: pa.Table) -> Iterator[pa.Table]:
-    """(row, image_uri) -> batches of (row, embedding | null, error, detail), in input order."""
+    """(row, image_uri) -> batches of (row, embedding | null, error, detail), in input order
+    (batches are committed in feed order as soon as their rows are embedded), on the warm
+    embedding actors of the live version's model (embed_pool.py)."""
+    pool = _pool(cfg, model)
+    mode = model.get("preprocess", {}).get("mode", "pad")
+    preprocess = embedders.preprocess_for(model["model_id"], mode)
+    if pool.decodes:
+        size = cfg.embed_batch_size
+        blocks = [table.slice(i, size) for i in range(0, len(table), size)]
+        yield from pool.map(blocks, (preprocess, cfg.limits), ordered=True)
+        return
+    yield from pool.map(embed_pool.blocks_of(_decoded(cfg, preprocess, table)), None, ordered=True)
+
+
+def _pool(cfg: Config, model: dict) -> embed_pool.Pool:
+    """The live model's actors: from_model_dict refuses weights other than the version's."""
+    build = functools.partial(embedders.from_model_dict, model, device=cfg.device)
+    gpus = devices.cluster_gpus(cfg.gpus)
+    env = cluster.runtime_env()
+    return embed_pool.Pool(build, {**model, "device": cfg.device}, gpus, runtime_env=env).start()
+
+
+def _decoded(cfg: Config, preprocess: images.Preprocess, table: pa.Table):
+    """Ray Data decoding in CPU tasks (GPU actors), keeping the feed's order."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
     saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars
-    # In order: batches are committed in feed order as soon as their rows are embedded. Set
-    # before the dataset is made, which takes its own copy of the context.
+    # Set before the dataset is made, which takes its own copy of the context.
     ctx.execution_options.preserve_order, ctx.enable_progress_bars = True, False
     try:
-        yield from _pipeline(cfg, model, table).iter_batches(
-            batch_size=None, batch_format="pyarrow"
-        )
+        block = max(1, min(cfg.decode_batch_size, math.ceil(len(table) / 4)))
+        ds = ray.data.from_arrow([table.slice(i, block) for i in range(0, len(table), block)])
+        decode = {"preprocess": preprocess, "limits": cfg.limits}
+        return pipeline.decode_stage(ds, {**decode, "batch_size": cfg.decode_batch_size})
     finally:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
-
-
-def _pipeline(cfg: Config, model: dict, table: pa.Table):
-    import ray
-
-    gpus = devices.cluster_gpus(cfg.gpus)
-    concurrency = max(1, int(gpus)) if gpus else 1
-    threads = None if gpus else max(1, int(ray.cluster_resources().get("CPU", 1)))
-    mode = model.get("preprocess", {}).get("mode", "pad")
-    preprocess = embedders.preprocess_for(model["model_id"], mode)
-    block = max(1, min(cfg.decode_batch_size, math.ceil(len(table) / 4)))
-    ds = ray.data.from_arrow([table.slice(i, block) for i in range(0, len(table), block)])
-    decode = {"preprocess": preprocess, "limits": cfg.limits, "batch_size": cfg.decode_batch_size}
-    args = (model, cfg.device, threads)
-    embed = {"cls": _LiveEmbed, "args": args, "batch_size": cfg.embed_batch_size}
-    return decode_and_embed(ds, decode, embed, gpus, concurrency)
 
 
 def _results(batch: pa.Table) -> dict[int, tuple[np.ndarray | None, str | None, str | None]]:

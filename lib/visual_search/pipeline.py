@@ -1,4 +1,5 @@
-"""Ray Data stages of the embedding job: read + decode (CPU tasks) and embed (actor pool)."""
+"""Reading and decoding catalog images: per image (read_image, decode_image) for the embedding
+actors, and as a Ray Data stage of CPU tasks (decode_stage) where the actors run on GPUs."""
 
 from __future__ import annotations
 
@@ -6,11 +7,9 @@ import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from visual_search import background, devices, images, schema, storage
+from visual_search import background, devices, images, storage
 
 DETAIL_MAX = 500
 # Schema of the decode stage's output: pixels are null for rows that failed; decoded_at (Unix
@@ -26,22 +25,34 @@ DECODED_SCHEMA = pa.schema(
 )
 
 
-def read_and_decode(
-    uri: str, preprocess: images.Preprocess, limits: images.Limits
-) -> tuple[bytes | None, str | None, str | None]:
-    """URI -> (uint8 pixel bytes, None, None) or (None, error code, detail); never raises."""
+def read_image(uri: str, limits: images.Limits) -> tuple[bytes | None, str | None, str | None]:
+    """URI -> (file bytes, None, None) or (None, error code, detail); never raises."""
     try:
-        data = storage.read_bytes(uri, max_bytes=limits.max_bytes)
+        return storage.read_bytes(uri, max_bytes=limits.max_bytes), None, None
     except storage.TooLarge as exc:
         return None, "too_large", str(exc)[:DETAIL_MAX]
     except Exception as exc:
         return None, "read_error", str(exc)[:DETAIL_MAX]
+
+
+def decode_image(
+    data: bytes, preprocess: images.Preprocess, limits: images.Limits
+) -> tuple[bytes | None, str | None, str | None]:
+    """File bytes -> (uint8 pixel bytes, None, None) or (None, error code, detail); never raises."""
     try:
         return images.load(data, preprocess, limits).tobytes(), None, None
     except images.ImageError as exc:
         return None, exc.code, exc.detail[:DETAIL_MAX]
     except Exception as exc:  # a decoder bug must cost one row, not the job
         return None, "decode_error", f"{type(exc).__name__}: {exc}"[:DETAIL_MAX]
+
+
+def read_and_decode(
+    uri: str, preprocess: images.Preprocess, limits: images.Limits
+) -> tuple[bytes | None, str | None, str | None]:
+    """URI -> (uint8 pixel bytes, None, None) or (None, error code, detail); never raises."""
+    data, error, detail = read_image(uri, limits)
+    return (None, error, detail) if data is None else decode_image(data, preprocess, limits)
 
 
 # Where decoding and the model share a machine's cores, the embed job's decoding threads run
@@ -92,88 +103,17 @@ def start_worker(threads: int | None) -> None:
     devices.keep_freed_memory()
 
 
-class EmbedBatch:
-    """Ray Data callable class: builds the model once per actor, embeds the decoded rows."""
-
-    def __init__(
-        self,
-        model: str,
-        weights: str | None,
-        random_weights: bool,
-        preprocess_mode: str,
-        device: str | None,
-        threads: int | None,
-        head: str | None = None,
-    ):
-        from visual_search import embedders
-
-        start_worker(threads)
-        self.ready(
-            embedders.create(
-                model,
-                weights=weights,
-                device=device,
-                random_weights=random_weights,
-                preprocess_mode=preprocess_mode,
-                head=head,
-            )
-        )
-
-    def ready(self, embedder) -> None:
-        """Take the built model; from now on, time between calls is input wait."""
-        self.embedder, self.idle_since = embedder, time.monotonic()
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        start = time.monotonic()
-        ok = pc.is_valid(batch["pixels"]).to_numpy(zero_copy_only=False)
-        size = self.embedder.preprocess.size
-        good = batch["pixels"].filter(pa.array(ok)).to_pylist()
-        pixels = np.frombuffer(bytearray().join(good), np.uint8).reshape(-1, size, size, 3)
-        vectors = np.zeros((len(ok), self.embedder.dim), np.float32)
-        vectors[ok] = self.embedder.embed(pixels)
-        column = schema.embedding_array(vectors)
-        column = pa.FixedSizeListArray.from_arrays(
-            column.values, self.embedder.dim, mask=pa.array(~ok)
-        )
-        return pa.table(
-            {
-                "row": batch["row"],
-                "embedding": column,
-                "error": batch["error"],
-                "detail": batch["detail"],
-                "decoded_at": batch["decoded_at"],
-                **self._timing_columns(start, batch.num_rows),
-            }
-        )
-
-    def _timing_columns(self, start: float, rows: int) -> dict[str, pa.Array]:
-        """This call's model seconds and the seconds the actor waited for it, spread over its
-        rows, so that sums over any set of rows add up (the driver sums them all)."""
-        now = time.monotonic()
-        waited, self.idle_since = start - self.idle_since, now
-        n = max(rows, 1)
-        return {
-            "embed_s": pa.array([(now - start) / n] * rows, pa.float64()),
-            "waited_s": pa.array([waited / n] * rows, pa.float64()),
-        }
-
-
-# Decoding tasks ask for less than 1 CPU, unlike the embedding actors: equal remote args would
-# let Ray Data fuse decoding into the actors, and the (GPU) actors would then decode serially.
+# Decoding tasks ask for less than 1 CPU: they run beside the GPU actors' feeding threads.
 DECODE_CPUS = 0.5
 
 
-def decode_and_embed(ds, decode: dict, embed: dict, gpus: float, concurrency: int):
-    """Ray Data stages over a dataset of (row, image_uri) blocks: decode_batch in CPU tasks
-    (`decode`: preprocess, limits, batch_size, yield_cores), then an embedding actor pool
-    (`embed`: cls, args, batch_size), a GPU per actor when `gpus`; the actors keep freed
-    tensors (devices.KEEP_FREED_ENV)."""
-    import ray
-
+def decode_stage(ds, decode: dict):
+    """decode_batch over a dataset of (row, image_uri) blocks, in CPU tasks (`decode`:
+    preprocess, limits, batch_size, yield_cores): embed_pool.blocks_of feeds its output to
+    GPU actors."""
     from visual_search import cluster
 
-    env = cluster.runtime_env()
-    ds = ds.map_batches(
+    return ds.map_batches(
         decode_batch,
         fn_kwargs={
             "preprocess": decode["preprocess"],
@@ -183,16 +123,5 @@ def decode_and_embed(ds, decode: dict, embed: dict, gpus: float, concurrency: in
         batch_size=decode["batch_size"],
         batch_format="pyarrow",
         num_cpus=DECODE_CPUS,
-        runtime_env=env,
-    )
-    env_vars = {**(env or {}).get("env_vars", {}), **devices.KEEP_FREED_ENV}
-    return ds.map_batches(
-        embed["cls"],
-        fn_constructor_args=embed["args"],
-        batch_size=embed["batch_size"],
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_gpus=1 if gpus else 0,
-        num_cpus=1,
-        runtime_env={**(env or {}), "env_vars": env_vars},
+        runtime_env=cluster.runtime_env(),
     )
