@@ -36,6 +36,7 @@ def test_capacity_is_the_best_step_within_the_p99_target_and_without_errors():
     cap, steps = load.capacity(samples, plan)
     assert [s["users"] for s in steps] == [1, 2, 4]
     assert cap == pytest.approx(9, rel=0.05)  # the 4-user step's p99 is over 500 ms
+    assert [s.get("capacity", False) for s in steps] == [False, True, False]  # the soak's load
     samples.append([12 + load.WARM_S, 5.0, "ConnectionResetError"])  # an error in step 2
     assert load.capacity(samples, plan)[0] == pytest.approx(5, rel=0.05)
 
