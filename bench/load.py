@@ -82,7 +82,8 @@ def prepare(args, work: str) -> tuple[str, list[str]]:
     cat_uri = os.path.join(work, "catalog.parquet")
     storage.write_parquet(cat_uri, subset)
     real = os.path.join(work, "real")
-    embed_job.run(embed_job.Config(catalog=cat_uri, out=real))
+    # keep_warm_s=0: the embedding actor exits once done, out of the soak's memory series
+    embed_job.run(embed_job.Config(catalog=cat_uri, out=real, keep_warm_s=0))
     n_filler = max(0, args.vectors - subset.num_rows)
     combined, _ = write_combined(real, os.path.join(work, "combined"), n_filler, 10, args.seed, 2)
     root = os.path.join(work, "index")

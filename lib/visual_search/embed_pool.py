@@ -42,6 +42,7 @@ KEEP_WARM_S = 300.0
 INFLIGHT = 2  # calls queued per actor: one computing, the next one reading its images
 IO_THREADS = 8  # reads per actor in flight (object stores are latency bound)
 WARM_BATCH = 32  # the jobs' default batch size
+MIN_IDLE_S = 2.0
 RETRY_WAIT_S = 1.0
 RETRIES = 2  # a block whose actor died goes to a new one under the same name this often
 
@@ -176,6 +177,8 @@ class EmbedWorker:
         return True
 
     def _retire_when_idle(self, keep_warm_s: float) -> None:
+        # At least MIN_IDLE_S: a job's next call can be milliseconds behind the last one.
+        keep_warm_s = max(keep_warm_s, MIN_IDLE_S)
         while True:
             time.sleep(max(0.2, min(keep_warm_s / 4, 10.0)))
             try:
