@@ -1102,11 +1102,11 @@ def test_overload_is_503_then_recovers(svc):
     assert pids(assert_answer(r))[0] == "p006"
 
 
-def _replica_actors(deployment: str) -> list:
+def _replica_actors(deployment: str, app: str = "") -> list:
     import ray
 
     names = ray.util.list_named_actors(all_namespaces=True)
-    found = [a for a in names if f"#{deployment}#" in a["name"]]
+    found = [a for a in names if f"{app}#{deployment}#" in a["name"]]
     actors = []
     for a in found:
         with contextlib.suppress(ValueError):  # died between the listing and the lookup
@@ -1166,6 +1166,72 @@ def test_a_dead_shard_gives_partial_answers_then_full_coverage(svc):
     r = poll(full, timeout=90, interval=0.5, attempts=400)
     assert r, "full coverage did not return after the shard replica restarted"
     assert pids(assert_answer(r))[0] == "p006"
+
+
+def _replica_pids(app: str, deployment: str) -> list[int]:
+    import ray
+
+    pids = []
+    for replica in _replica_actors(deployment, app):
+        with contextlib.suppress(ray.exceptions.RayActorError):  # died after the listing
+            pids.append(ray.get(replica.__ray_call__.remote(lambda _: os.getpid()), timeout=30))
+    return pids
+
+
+def test_killing_one_of_two_shard_replicas_fails_no_request(svc):
+    """shard_replicas=2, four clients searching: SIGKILL of one replica of a shard fails no
+    request and loses no coverage (the fan-out's retry reaches the other replica), and Serve
+    brings the shard back to 2 replicas."""
+    import signal
+
+    from ray import serve
+
+    from serve.app import AppArgs, build_app
+
+    args = AppArgs(index_root=svc.index_root, shard_replicas=2, rerank=0, follow_current=False,
+                   ingress_cpus=0.02, embedder_cpus=0.1, shard_cpus=0.02)  # fmt: skip
+    serve.run(build_app(args), name="vs-pair", route_prefix="/pair")
+    seen: list[tuple[int, object]] = []
+    stop = threading.Event()
+
+    def client():
+        with requests.Session() as session:
+            for _ in range(600):
+                if stop.is_set():
+                    return
+                try:
+                    r = session.post(f"{svc.base}/pair/search", params={"k": 3},
+                                     data=svc.files["p012.jpg"], timeout=TIMEOUT)  # fmt: skip
+                    body = r.json()
+                    seen.append((r.status_code, body.get("coverage") or body))
+                except Exception as exc:  # a transport error counts as a failed query
+                    seen.append((-2, repr(exc)))
+
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(4)]
+    try:
+        assert poll(lambda: len(_replica_pids("vs-pair", "ShardSearcher-1")) == 2, 60)
+        for t in clients:
+            t.start()
+        assert poll(lambda: len(seen) >= 10, timeout=60), seen
+        victim = _replica_pids("vs-pair", "ShardSearcher-1")[0]
+        os.kill(victim, signal.SIGKILL)
+        killed_at = len(seen)
+
+        def replaced() -> bool:
+            now = _replica_pids("vs-pair", "ShardSearcher-1")
+            return len(now) == 2 and victim not in now
+
+        assert poll(replaced, timeout=90, interval=0.5, attempts=400)
+        assert poll(lambda: len(seen) >= killed_at + 20, timeout=60), seen[killed_at:]
+    finally:
+        stop.set()
+        for t in clients:
+            if t.ident is not None:
+                t.join(timeout=TIMEOUT + 5)
+        serve.delete("vs-pair")
+    full = {"shards": SHARDS, "of": SHARDS}
+    failed = [(status, what) for status, what in seen if status != 200 or what != full]
+    assert not failed, (len(seen), killed_at, failed[:5])
 
 
 # Metrics on Ray's Prometheus endpoint (exported every few seconds, so polled) and /version.
