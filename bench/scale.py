@@ -66,7 +66,8 @@ def embed_real(args, work: str) -> str:
     cat_uri = os.path.join(work, "catalog.parquet")
     storage.write_parquet(cat_uri, subset)
     real = os.path.join(work, "real")
-    embed_job.run(embed_job.Config(catalog=cat_uri, out=real))
+    # keep_warm_s=0: the embedding actor exits once done, out of the replicas memory figures
+    embed_job.run(embed_job.Config(catalog=cat_uri, out=real, keep_warm_s=0))
     return real
 
 

@@ -112,7 +112,7 @@ def build_service_index(args, work: str) -> str:
     os.makedirs(cat_dir)
     catalog = write_catalog(cat_dir, args.products)
     emb = os.path.join(work, "emb")
-    embed_job.run(embed_job.Config(catalog=catalog, out=emb, batch_size=16))
+    embed_job.run(embed_job.Config(catalog=catalog, out=emb, batch_size=16, keep_warm_s=0))
     index_root = os.path.join(work, "index")
     build_index.run(build_index.Config(embeddings=emb, index_root=index_root, shards=args.shards))
     return index_root

@@ -353,6 +353,9 @@ def _text_tower(cfg: Config, root: str, dataset, text: dict | None) -> dict | No
     names = storage.parquet_columns(dataset.parts[0].uri)
     docs = dataset.read_range(0, n, [c for c in names if c != "embedding"])
     clip = _clip_tower(cfg, dataset.manifest.model)
+    if clip is None and len(ids) >= texttower.MIN_ROWS:
+        # Two trainings (held-out check, then all rows): minutes on CPU at 100k rows.
+        _say(f"text tower: training on {len(ids):,} rows twice (--no-text-tower skips it)")
     record = texttower.build(docs.take(pa.array(ids)), vectors, root, pretrained=clip)
     if "skipped" in record:
         _say(f"text tower skipped: {record['skipped']}")

@@ -12,7 +12,7 @@ import logging
 from pydantic import BaseModel, Field, model_validator
 from ray.serve import Application
 
-from visual_search import orphans, storage, versions
+from visual_search import devices, orphans, storage, versions
 from visual_search.searchers import QueryEmbedder, ShardSearcher
 from visual_search.serving import Ingress, Settings
 
@@ -149,7 +149,14 @@ def build_app(args: AppArgs) -> Application:
         for i in range(n)
     ]
     embedding = {"weights": args.weights, "device": args.device, "threads": args.embedder_threads}
-    model = {"num_cpus": args.embedder_cpus, "num_gpus": args.embedder_gpus}
+    # The replica that embeds keeps freed tensors in one glibc arena from its start (as the
+    # embedding actors do): its forward pass runs on a thread other than the main one, where
+    # every activation block was mapped and unmapped per query.
+    model = {
+        "num_cpus": args.embedder_cpus,
+        "num_gpus": args.embedder_gpus,
+        "runtime_env": {"env_vars": devices.KEEP_FREED_ENV},
+    }
     if args.embeds_in_ingress:
         embedder, local = None, embedding
         ingress = {**model, "num_cpus": args.ingress_cpus + args.embedder_cpus}

@@ -70,7 +70,7 @@ def _say(msg: str) -> None:
 # ----------------------------------------------------------------------------------- search
 
 
-def _rerank(
+def rerank_top(
     results: list[dict],
     query_features: verify.Features,
     n: int,
@@ -107,7 +107,7 @@ def _search_all(
             search_ms.append((time.perf_counter() - t0) * 1000)
             if rerank:
                 t0 = time.perf_counter()
-                results = _rerank(results, q.features[j], rerank, cache, preprocess, pool)
+                results = rerank_top(results, q.features[j], rerank, cache, preprocess, pool)
                 rerank_ms.append(q.features_ms[j] + (time.perf_counter() - t0) * 1000)
             answers.append(results[:k])
     return answers, search_ms, rerank_ms

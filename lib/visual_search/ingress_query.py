@@ -245,10 +245,11 @@ class QueryPath:
         hits = await query.preferring_search(fan_out, *args)
         return with_image_urls(query.results(state.docs, hits))
 
-    async def _rerank(self, state: State, results: list[dict], pixels: np.ndarray, n: int):
-        """The top n results re-ranked by inliers between the query and each catalog photo."""
+    async def _rerank(self, state: State, results: list[dict], query_features, n: int):
+        """The top n results re-ranked by inliers between the query (`query_features`: the
+        future of its verify.local_features) and each catalog photo."""
         query_features, *found = await asyncio.gather(
-            asyncio.to_thread(verify.local_features, pixels),
+            query_features,
             # The catalog's own limits, not the upload limit: the embed job read it with these.
             *(
                 asyncio.to_thread(
@@ -295,12 +296,21 @@ class QueryPath:
             prefer = None if flt else prefer  # a filter makes the preference moot
             # The bonus is added to a cosine: an "l2" version (distances) is not re-ranked.
             rerank = self.settings.rerank if pixels is not None and metric == "ip" else 0
-            with stage("search"):
-                args = (probe, max(p.k, rerank), flt, exclude, prefer, group_of)
-                results = await self._search(state, coverage, *args)
-            if rerank and results:
-                with stage("rerank"):
-                    results = await self._rerank(state, results, pixels, rerank)
+            # The query's own features do not depend on the results: found while the shards
+            # search (a lone query's latency falls by their time, about 4 ms on 2 cores).
+            features = asyncio.ensure_future(
+                asyncio.to_thread(verify.local_features, pixels) if rerank else asyncio.sleep(0)
+            )
+            try:
+                with stage("search"):
+                    args = (probe, max(p.k, rerank), flt, exclude, prefer, group_of)
+                    results = await self._search(state, coverage, *args)
+                if rerank and results:
+                    with stage("rerank"):
+                        results = await self._rerank(state, results, features, rerank)
+            finally:
+                if not features.cancel() and not features.cancelled():  # done: error retrieved
+                    features.exception()
             seq = min(state.seq, state.seq if coverage.seq is None else coverage.seq)
             if seq < p.min_seq:
                 raise stale(p.min_seq, seq)
