@@ -99,8 +99,9 @@ class EmbedWorker:
         start = time.monotonic()
         waited = max(0.0, start - self.computed_at)
         if read is not None:
-            block = self._decode(block, read, *decode)
-        pixels, ok = self._pixels(block)
+            block, pixels, ok = self._decode(block, read, *decode)
+        else:
+            block, pixels, ok = self._pixels(block)
         vectors = np.zeros((len(ok), self.embedder.dim), np.float32)
         vectors[ok] = self.embedder.embed(pixels)
         self.computed_at = time.monotonic()
@@ -127,25 +128,38 @@ class EmbedWorker:
         uris = block["image_uri"].to_pylist()
         return list(self.io.map(lambda u: read_image(u, limits), uris))
 
-    def _decode(self, block, read, preprocess, limits) -> pa.Table:
-        from visual_search.pipeline import DECODED_SCHEMA, decode_image
+    def _decode(self, block, read, preprocess, limits) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+        """(the block's rows with their errors, the decoded pixels stacked, which rows decoded):
+        each image's array is copied once, into the model's batch."""
+        from visual_search.pipeline import decode_array
 
         def one(item):
             data, error, detail = item
-            return (None, error, detail) if data is None else decode_image(data, preprocess, limits)
+            return (None, error, detail) if data is None else decode_array(data, preprocess, limits)
 
         done = list(self.decoders.map(one, read))
-        pixels, errors, details = zip(*done, strict=True) if done else ((), (), ())
-        columns = [pa.array(pixels, pa.binary()), pa.array(errors, pa.string())]
-        columns += [pa.array(details, pa.string()), pa.array([time.time()] * len(read))]
-        return pa.table([block["row"], *columns], schema=DECODED_SCHEMA)
+        arrays, errors, details = zip(*done, strict=True) if done else ((), (), ())
+        ok = np.array([a is not None for a in arrays], bool)
+        size = preprocess.size
+        good = [a for a in arrays if a is not None]
+        pixels = np.stack(good) if good else np.zeros((0, size, size, 3), np.uint8)
+        rows = pa.table(
+            {
+                "row": block["row"],
+                "error": pa.array(errors, pa.string()),
+                "detail": pa.array(details, pa.string()),
+                "decoded_at": pa.array([time.time()] * len(read), pa.float64()),
+            }
+        )
+        return rows, pixels, ok
 
-    def _pixels(self, block: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    def _pixels(self, block: pa.Table) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+        """The same for a block decoded elsewhere (pipeline.DECODED_SCHEMA)."""
         ok = pc.is_valid(block["pixels"]).to_numpy(zero_copy_only=False)
         size = self.embedder.preprocess.size
         good = block["pixels"].filter(pa.array(ok)).to_pylist()
         pixels = np.frombuffer(bytearray().join(good), np.uint8).reshape(-1, size, size, 3)
-        return pixels, ok
+        return block, pixels, ok
 
     def _output(self, block, vectors, ok, busy_s: float, waited_s: float) -> pa.Table:
         """The rows' vectors (null where decoding failed), with this call's compute seconds
@@ -295,14 +309,19 @@ class Pool:
             lifetime="detached",
             get_if_exists=True,
             max_concurrency=INFLIGHT,
-            runtime_env=self._actor_env(),
+            runtime_env=self._actor_env(placement["threads"]),
             **placement["options"],
         )
         return actor.remote(self.build, placement["threads"], self.keep_warm_s)
 
-    def _actor_env(self) -> dict:
+    def _actor_env(self, threads: int | None) -> dict:
         env = dict(self.runtime_env or {})
         env["env_vars"] = {**env.get("env_vars", {}), **devices.KEEP_FREED_ENV}
+        if threads:
+            # Ray sets OMP_NUM_THREADS to the actor's num_cpus (0 here: 1); torch's own thread
+            # count alone left the forward pass 4% slower than with OpenMP told from the start
+            # (bench/embed.py --large, 2 threads).
+            env["env_vars"]["OMP_NUM_THREADS"] = str(threads)
         return env
 
     def _infos(self) -> list[dict]:

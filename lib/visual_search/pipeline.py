@@ -7,6 +7,7 @@ import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pyarrow as pa
 
 from visual_search import background, devices, images, storage
@@ -35,16 +36,25 @@ def read_image(uri: str, limits: images.Limits) -> tuple[bytes | None, str | Non
         return None, "read_error", str(exc)[:DETAIL_MAX]
 
 
-def decode_image(
+def decode_array(
     data: bytes, preprocess: images.Preprocess, limits: images.Limits
-) -> tuple[bytes | None, str | None, str | None]:
-    """File bytes -> (uint8 pixel bytes, None, None) or (None, error code, detail); never raises."""
+) -> tuple[np.ndarray | None, str | None, str | None]:
+    """File bytes -> (uint8 (size, size, 3) pixels, None, None) or (None, error code, detail);
+    never raises."""
     try:
-        return images.load(data, preprocess, limits).tobytes(), None, None
+        return images.load(data, preprocess, limits), None, None
     except images.ImageError as exc:
         return None, exc.code, exc.detail[:DETAIL_MAX]
     except Exception as exc:  # a decoder bug must cost one row, not the job
         return None, "decode_error", f"{type(exc).__name__}: {exc}"[:DETAIL_MAX]
+
+
+def decode_image(
+    data: bytes, preprocess: images.Preprocess, limits: images.Limits
+) -> tuple[bytes | None, str | None, str | None]:
+    """File bytes -> (uint8 pixel bytes, None, None) or (None, error code, detail); never raises."""
+    pixels, error, detail = decode_array(data, preprocess, limits)
+    return (None if pixels is None else pixels.tobytes()), error, detail
 
 
 def read_and_decode(
