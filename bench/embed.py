@@ -3,6 +3,7 @@
     python bench/embed.py [--images 2000] [--memory-sizes 1000,8000] [--json FILE]
     python bench/embed.py --large [--sizes 1000,10000] [--runs 3] [--json FILE]
     python bench/embed.py --model-sweep
+    python bench/embed.py --alternation [--sizes 1000] [--runs 3]
 
 --large: products-dev photos at 1200x1600 as JPEG q90 and as PNG (bench/large_catalog.py). For
 each format and size: a, b, the limit, and the job end to end (images / pipeline_s, finding or
@@ -230,10 +231,58 @@ def model_sweep(args, cores: int) -> dict:
     return {"cores": cores, **out}
 
 
+def measure_alternation(uris: list[str], batch_size: int, threads: int) -> float:
+    """The embed actor's loop in this process, without Ray: read the next batch on 8 threads
+    while this one decodes (on `threads` threads), then embeds it; images/s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from visual_search.pipeline import decode_array, read_image, start_worker
+
+    start_worker(threads)
+    emb = embedders.create(device="cpu")
+    emb.embed(np.zeros((batch_size, PRE.size, PRE.size, 3), np.uint8))
+    batches = [uris[i : i + batch_size] for i in range(0, len(uris), batch_size)]
+    with ThreadPoolExecutor(8) as io, ThreadPoolExecutor(threads) as decoders:
+        t = time.perf_counter()
+        reads = io.map(lambda u: read_image(u, LIMITS), batches[0])
+        for nxt in [*batches[1:], []]:
+            ahead = [io.submit(read_image, u, LIMITS) for u in nxt]
+            decoded = decoders.map(lambda r: r[0] and decode_array(r[0], PRE, LIMITS)[0], reads)
+            emb.embed(np.stack([a for a in decoded if a is not None]))
+            reads = [f.result() for f in ahead]
+        return len(uris) / (time.perf_counter() - t)
+
+
+def alternation(args, cores: int) -> dict:
+    """--alternation: the same loop in this process against the warm job, taken in turns on
+    the --sizes' smallest JPEG catalog (this machine drifts by 15% over minutes)."""
+    import ray
+
+    from bench import large_catalog
+
+    uri = large_catalog.make(args.large_dir, "jpeg", min(int(x) for x in args.sizes.split(",")))
+    uris = storage.read_parquet(uri)["image_uri"].to_pylist()
+    work = tempfile.mkdtemp(prefix="bench-embed-")
+    measure_job(uri, work, batch_size=args.batch_size)  # starts the actor: the runs find it warm
+    loop, job = [], []
+    for _ in range(args.runs):
+        loop.append(measure_alternation(uris, args.batch_size, cores))
+        job.append(measure_job(uri, work, batch_size=args.batch_size)["images_per_s"])
+        print(f"alternation in process {loop[-1]:.1f} job {job[-1]:.1f} images/s", flush=True)
+    ray.shutdown()
+    ratio = float(np.median(np.array(job) / np.array(loop)))
+    print(f"job_over_in_process_loop {ratio:.3f}", flush=True)
+    return {"cores": cores, "images": len(uris), "in_process_loop": [round(x, 1) for x in loop],
+            "job_warm": job, "job_over_in_process_loop": round(ratio, 3)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--large", action="store_true", help="1200x1600 product photos, JPEG and PNG")
     p.add_argument("--model-sweep", action="store_true", help="bare model by batch size")
+    p.add_argument(
+        "--alternation", action="store_true", help="the actor's loop in process vs the job"
+    )
     p.add_argument("--sizes", default="1000,10000", help="--large: catalog sizes")
     p.add_argument("--runs", type=int, default=3, help="--large: job runs per catalog (median)")
     p.add_argument("--big-runs", type=int, default=3, help="--large: runs over 1,000 images")
@@ -241,15 +290,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--memory-sizes", default="1000,8000")
     p.add_argument("--cache", default=os.path.join(REPO, ".cache"))
-    p.add_argument("--json", help="default: bench/results/embed[-large|-model-sweep].json")
+    p.add_argument(
+        "--json", help="default: bench/results/embed[-large|-model-sweep|-alternation].json"
+    )
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
 
     cores = devices.cpu_count()
-    mode = "-large" if args.large else "-model-sweep" if args.model_sweep else ""
+    modes = {"-large": large, "-model-sweep": model_sweep, "-alternation": alternation}
+    mode = next((m for m in modes if getattr(args, m[1:].replace("-", "_"))), "")
     args.json = args.json or os.path.join(REPO, "bench", "results", f"embed{mode}.json")
     if mode:
-        storage.write_json(args.json, (large if args.large else model_sweep)(args, cores))
+        storage.write_json(args.json, modes[mode](args, cores))
         print(f"wrote {args.json}", flush=True)
         return 0
     folder = sample.fetch_openclipart(args.cache)
