@@ -6,6 +6,7 @@ end to end, so a reload never mixes two versions."""
 # No `from __future__ import annotations`: Ray Serve builds the deployment from this class.
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -48,6 +49,22 @@ log = logging.getLogger("visual_search.serving")
 CURRENT_POLL_S = 1.0
 # Local features of re-ranked catalog photos, per ingress replica (500 keypoints: about 130 kB).
 FEATURE_CACHE_BYTES = 256 << 20
+
+
+@dataclasses.dataclass
+class Photo:
+    """A decoded query photo: its pixels, and the future of its local features when the query
+    is re-ranked (started as soon as it is decoded, so that SIFT runs while the model embeds)."""
+
+    pixels: np.ndarray
+    features: asyncio.Future | None = None
+
+    def drop(self) -> None:
+        """Cancel the features if still running, else retrieve their error: none is left
+        unawaited."""
+        f = self.features
+        if f is not None and not f.cancel() and not f.cancelled():
+            f.exception()
 
 
 def replica_name() -> str:
@@ -185,12 +202,18 @@ class QueryPath:
                 except TimeoutError as exc:
                     raise ApiError(408, "timeout", f"upload not received within {limit} s") from exc
 
+    def _reranks(self, state: State) -> int:
+        """How many of a photo query's top results are re-ranked. The bonus is added to a
+        cosine: an "l2" version (distances) is not re-ranked."""
+        return self.settings.rerank if state.version.manifest.metric == "ip" else 0
+
     async def _embed(
         self, state: State, data: bytes, stage: Stages, low: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(query vector (1, d), the preprocessed pixels it was embedded from). `low`: decode
-        and embed (when the ingress embeds) at low CPU priority, as a PUT's photo is, so that
-        writes never slow the queries (background.py)."""
+    ) -> tuple[np.ndarray, Photo]:
+        """(query vector (1, d), the Photo it was embedded from, with its features started when
+        the query is re-ranked). `low`: decode and embed (when the ingress embeds) at low CPU
+        priority, as a PUT's photo is, so that writes never slow the queries (background.py),
+        and no features."""
         run = background.run if low else asyncio.to_thread
         with stage("decode"):
             try:
@@ -205,14 +228,24 @@ class QueryPath:
                 raise ApiError(
                     httpapi.IMAGE_STATUS.get(exc.code, 422), exc.code, exc.detail
                 ) from exc
-        with stage("embed"):
-            if state.local is None:
-                vector = await self.embedder.embed.remote(pixels)
-            elif low:  # alone, not in a batch of queries
-                vector = (await background.run(state.local.embedder.embed, pixels[None]))[0]
-            else:
-                vector = await state.local.embed(pixels)
-        return np.asarray(vector, np.float32)[None], pixels
+        photo = Photo(pixels)
+        if not low and self._reranks(state):
+            # The features do not depend on the results: found on another core while the model
+            # embeds on this one (bench/serve.py, 100k vectors, concurrency 1: search stage 13.9
+            # -> 10.8 ms, since SIFT no longer shares the cores with the shards).
+            photo.features = asyncio.ensure_future(asyncio.to_thread(verify.local_features, pixels))
+        try:
+            with stage("embed"):
+                if state.local is None:
+                    vector = await self.embedder.embed.remote(pixels)
+                elif low:  # alone, not in a batch of queries
+                    vector = (await background.run(state.local.embedder.embed, pixels[None]))[0]
+                else:
+                    vector = await state.local.embed(pixels)
+        except BaseException:
+            photo.drop()
+            raise
+        return np.asarray(vector, np.float32)[None], photo
 
     async def _search(self, state: State, coverage, probe, k, flt, exclude, prefer, group_of):
         """Results for `probe` (a query vector (1, d), or text for BM25) that pass `flt` (a
@@ -247,8 +280,12 @@ class QueryPath:
 
     async def _rerank(self, state: State, results: list[dict], query_features, n: int):
         """The top n results re-ranked by inliers between the query (`query_features`: the
-        future of its verify.local_features) and each catalog photo."""
-        query_features, *found = await asyncio.gather(
+        future of its verify.local_features) and each catalog photo. Cached features are
+        taken on the event loop; only the photos to read go to threads."""
+        top = results[:n]
+        by_id = {row["id"]: self.features.get((state.name, row["id"])) for row in top}
+        missing = [row for row in top if by_id[row["id"]] is None]
+        query_features, *read = await asyncio.gather(
             query_features,
             # The catalog's own limits, not the upload limit: the embed job read it with these.
             *(
@@ -258,10 +295,10 @@ class QueryPath:
                     row["image_uri"],
                     self.preprocess,
                 )
-                for row in results[:n]
+                for row in missing
             ),
         )
-        by_id = {row["id"]: f for row, f in zip(results[:n], found, strict=True)}
+        by_id.update((row["id"], f) for row, f in zip(missing, read, strict=True))
         return await asyncio.to_thread(
             verify.rerank, results, query_features, lambda row: by_id.get(row["id"]), n
         )
@@ -275,8 +312,8 @@ class QueryPath:
         exclude=None,
         words=None,
     ) -> dict:
-        """Admit, pin the current version, get the query (vector or text, the photo's pixels or
-        None, the category to prefer or None), search the p.k best among the items p's category
+        """Admit, pin the current version, get the query (vector or text, the Photo or None,
+        the category to prefer or None), search the p.k best among the items p's category
         and filter let through (with p.collapse, one per near-duplicate group when the version
         has groups); for a photo, re-rank the top products and predict its category. The
         answer's seq is the update log seq it reflects; with p.min_seq, at least that one or
@@ -292,25 +329,20 @@ class QueryPath:
             if words:
                 flt = (flt or filters.Filter()).and_(filters.Filter(words=words))
             group_of = state.groups.group_of if p.collapse and state.groups else None
-            probe, pixels, prefer = await query_of(state, stage)
+            probe, photo, prefer = await query_of(state, stage)
             prefer = None if flt else prefer  # a filter makes the preference moot
-            # The bonus is added to a cosine: an "l2" version (distances) is not re-ranked.
-            rerank = self.settings.rerank if pixels is not None and metric == "ip" else 0
-            # The query's own features do not depend on the results: found while the shards
-            # search (bench/serve.py, 20k vectors, concurrency 1: p50 56.3 -> 53.5 ms).
-            features = None
-            if rerank:
-                features = asyncio.ensure_future(asyncio.to_thread(verify.local_features, pixels))
+            features = None if photo is None else photo.features
+            rerank = self._reranks(state) if features is not None else 0
             try:
                 with stage("search"):
                     args = (probe, max(p.k, rerank), flt, exclude, prefer, group_of)
                     results = await self._search(state, coverage, *args)
-                if features is not None and results:
+                if rerank and results:
                     with stage("rerank"):
                         results = await self._rerank(state, results, features, rerank)
             finally:
-                if features is not None and not features.cancel():  # done: its error retrieved
-                    features.exception()
+                if photo is not None:
+                    photo.drop()
             seq = min(state.seq, state.seq if coverage.seq is None else coverage.seq)
             if seq < p.min_seq:
                 raise stale(p.min_seq, seq)
@@ -325,7 +357,7 @@ class QueryPath:
             "collapsed": group_of is not None,
             "seq": seq,
         }
-        if pixels is not None:
+        if photo is not None:
             answer["predicted_category"] = verify.predicted_category(
                 answer["results"], metric=metric
             )

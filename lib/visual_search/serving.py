@@ -113,9 +113,9 @@ class Ingress(QueryPath):
         photo = {}
 
         async def upload_query(state: State, stage: Stages):
-            vector, pixels = await self._embed(state, data, stage)
+            vector, decoded = await self._embed(state, data, stage)
             photo["vector"] = vector
-            return vector, pixels, None
+            return vector, decoded, None
 
         wide = p if q is None else dataclasses.replace(p, k=fusion_width(p.k))
         answer = await self._query(response, stage, upload_query, wide)
