@@ -99,6 +99,34 @@ def _tree_pss(root: psutil.Process) -> tuple[int, dict[str, int]]:
     return sum(by_name.values()), by_name
 
 
+def _tree_cpu(root: psutil.Process) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) so far of each process in root's tree (Ray's local head and
+    workers are in the driver's), by pid: (name, seconds)."""
+    out = {}
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            t = p.cpu_times()
+            out[p.pid] = (p.name(), t.user + t.system)
+    return out
+
+
+def measure_job_cpu(catalog_uri: str, work: str, cores: int, **overrides) -> dict:
+    """measure_job, and where the cores' seconds went during it: the embedding actors, this
+    driver, the rest of Ray (raylet, GCS, idle workers), and idle."""
+    root = psutil.Process()
+    before, t = _tree_cpu(root), time.perf_counter()
+    timings = measure_job(catalog_uri, work, **overrides)
+    wall, after = time.perf_counter() - t, _tree_cpu(root)
+    used = {"actors": 0.0, "driver": 0.0, "rest_of_ray": 0.0}
+    for pid, (name, cpu) in after.items():
+        spent = cpu - before.get(pid, (name, 0.0))[1]
+        key = "driver" if pid == root.pid else "actors" if "EmbedWorker" in name else "rest_of_ray"
+        used[key] += spent
+    share = {k: round(v / (wall * cores), 3) for k, v in used.items()}
+    share["idle"] = round(1 - sum(share.values()), 3)
+    return timings | {"cpu_share": share}
+
+
 def measure_memory(catalog_uri: str, work: str) -> dict:
     """Run the job in a fresh process (its own local Ray) and sample the tree's PSS."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -231,9 +259,10 @@ def model_sweep(args, cores: int) -> dict:
     return {"cores": cores, **out}
 
 
-def measure_alternation(uris: list[str], batch_size: int, threads: int) -> float:
+def measure_alternation(uris: list[str], batch_size: int, threads: int) -> tuple[float, float]:
     """The embed actor's loop in this process, without Ray: read the next batch on 8 threads
-    while this one decodes (on `threads` threads), then embeds it; images/s."""
+    while this one decodes (on `threads` threads), then embeds it; (images/s, the share of
+    `threads` cores this process kept busy)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from visual_search.pipeline import decode_array, read_image, start_worker
@@ -243,14 +272,15 @@ def measure_alternation(uris: list[str], batch_size: int, threads: int) -> float
     emb.embed(np.zeros((batch_size, PRE.size, PRE.size, 3), np.uint8))
     batches = [uris[i : i + batch_size] for i in range(0, len(uris), batch_size)]
     with ThreadPoolExecutor(8) as io, ThreadPoolExecutor(threads) as decoders:
-        t = time.perf_counter()
+        cpu, t = time.process_time(), time.perf_counter()
         reads = io.map(lambda u: read_image(u, LIMITS), batches[0])
         for nxt in [*batches[1:], []]:
             ahead = [io.submit(read_image, u, LIMITS) for u in nxt]
             decoded = decoders.map(lambda r: r[0] and decode_array(r[0], PRE, LIMITS)[0], reads)
             emb.embed(np.stack([a for a in decoded if a is not None]))
             reads = [f.result() for f in ahead]
-        return len(uris) / (time.perf_counter() - t)
+        wall = time.perf_counter() - t
+        return len(uris) / wall, (time.process_time() - cpu) / (wall * threads)
 
 
 def alternation(args, cores: int) -> dict:
@@ -264,16 +294,22 @@ def alternation(args, cores: int) -> dict:
     uris = storage.read_parquet(uri)["image_uri"].to_pylist()
     work = tempfile.mkdtemp(prefix="bench-embed-")
     measure_job(uri, work, batch_size=args.batch_size)  # starts the actor: the runs find it warm
-    loop, job = [], []
+    loop, loop_busy, job, shares = [], [], [], []
     for _ in range(args.runs):
-        loop.append(measure_alternation(uris, args.batch_size, cores))
-        job.append(measure_job(uri, work, batch_size=args.batch_size)["images_per_s"])
+        rate, busy = measure_alternation(uris, args.batch_size, cores)
+        loop.append(rate)
+        loop_busy.append(round(busy, 3))
+        timings = measure_job_cpu(uri, work, cores, batch_size=args.batch_size)
+        job.append(timings["images_per_s"])
+        shares.append(timings["cpu_share"])
         print(f"alternation in process {loop[-1]:.1f} job {job[-1]:.1f} images/s", flush=True)
+        print(f"loop_cpu_busy {loop_busy[-1]} job_cpu_share {shares[-1]}", flush=True)
     ray.shutdown()
     ratio = float(np.median(np.array(job) / np.array(loop)))
     print(f"job_over_in_process_loop {ratio:.3f}", flush=True)
     return {"cores": cores, "images": len(uris), "in_process_loop": [round(x, 1) for x in loop],
-            "job_warm": job, "job_over_in_process_loop": round(ratio, 3)}  # fmt: skip
+            "in_process_loop_cpu_busy": loop_busy, "job_warm": job, "job_cpu_share": shares,
+            "job_over_in_process_loop": round(ratio, 3)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
