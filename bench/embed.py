@@ -89,25 +89,27 @@ def measure_job(catalog_uri: str, work: str, **overrides) -> dict:
     return manifest.timings
 
 
+def _per_process(root: psutil.Process, measure) -> dict[int, tuple[str, float]]:
+    """measure(p) of each process in root's tree (Ray's local head and workers are in the
+    driver's), by pid: (name, value); processes that exit meanwhile are left out."""
+    out = {}
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            out[p.pid] = (p.name(), measure(p))
+    return out
+
+
 def _tree_pss(root: psutil.Process) -> tuple[int, dict[str, int]]:
     """PSS of a process tree, in total and by process name (Ray names its workers)."""
     by_name: dict[str, int] = {}
-    for p in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            name = p.name()
-            by_name[name] = by_name.get(name, 0) + p.memory_full_info().pss
+    for name, pss in _per_process(root, lambda p: p.memory_full_info().pss).values():
+        by_name[name] = by_name.get(name, 0) + pss
     return sum(by_name.values()), by_name
 
 
 def _tree_cpu(root: psutil.Process) -> dict[int, tuple[str, float]]:
-    """CPU seconds (user + system) so far of each process in root's tree (Ray's local head and
-    workers are in the driver's), by pid: (name, seconds)."""
-    out = {}
-    for p in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            t = p.cpu_times()
-            out[p.pid] = (p.name(), t.user + t.system)
-    return out
+    """CPU seconds (user + system) so far of each process in root's tree, by pid."""
+    return _per_process(root, lambda p: sum(p.cpu_times()[:2]))
 
 
 def measure_job_cpu(catalog_uri: str, work: str, cores: int, **overrides) -> dict:
@@ -260,18 +262,19 @@ def model_sweep(args, cores: int) -> dict:
 
 
 def measure_alternation(uris: list[str], batch_size: int, threads: int) -> tuple[float, float]:
-    """The embed actor's loop in this process, without Ray: read the next batch on 8 threads
+    """The embed actor's loop in this process, without Ray: read the next batch on IO_THREADS
     while this one decodes (on `threads` threads), then embeds it; (images/s, the share of
     `threads` cores this process kept busy)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from visual_search.embed_pool import IO_THREADS
     from visual_search.pipeline import decode_array, read_image, start_worker
 
     start_worker(threads)
     emb = embedders.create(device="cpu")
     emb.embed(np.zeros((batch_size, PRE.size, PRE.size, 3), np.uint8))
     batches = [uris[i : i + batch_size] for i in range(0, len(uris), batch_size)]
-    with ThreadPoolExecutor(8) as io, ThreadPoolExecutor(threads) as decoders:
+    with ThreadPoolExecutor(IO_THREADS) as io, ThreadPoolExecutor(threads) as decoders:
         cpu, t = time.process_time(), time.perf_counter()
         reads = io.map(lambda u: read_image(u, LIMITS), batches[0])
         for nxt in [*batches[1:], []]:
