@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = np.asarray(table["category"].to_pylist()).astype(str)
     splits = tuning.split_products(pids, seed=0)
     sources = [storage.read_bytes(u) for u in table["image_uri"].to_pylist()]
-    tail = finetune.Tail(embedders.create(MODEL), a.from_block)
+    tail = finetune.Tail(embedders.create(MODEL, for_training=True), a.from_block)
     pre = tail.embedder.preprocess
 
     view_rows = np.repeat(np.flatnonzero(splits == "train"), a.views)

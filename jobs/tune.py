@@ -298,7 +298,7 @@ def _finetune(cfg: Config, ds, data, base: dict, started: float) -> dict:
     model = ds.manifest.model
     settings = finetune.Settings(at=cfg.from_block, epochs=cfg.finetune_epochs, seed=cfg.seed)
     mode = model["preprocess"]["mode"]
-    emb = embedders.create(model["model_id"], cfg.weights, preprocess_mode=mode)
+    emb = embedders.create(model["model_id"], cfg.weights, preprocess_mode=mode, for_training=True)
     tail, pre = finetune.Tail(emb, settings.at), emb.preprocess
     sources = [storage.read_bytes(u) for u in table["image_uri"].to_pylist()]
     rng = np.random.default_rng(cfg.seed)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from visual_search import devices, heads, storage
+from visual_search import devices, folding, heads, storage
 from visual_search.images import Preprocess
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,19 @@ class Embedder:
         self.preprocess = preprocess
         self.device = device
         self.net = net.eval().to(device)
+        self.folded = False  # True once fold_batchnorm made it inference-only
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(mean, device=device).view(shape) * 255.0
         self._std = torch.tensor(std, device=device).view(shape) * 255.0
+
+    def fold_batchnorm(self) -> None:
+        """Inference only: fold the network's BatchNorm into its convolutions (folding.py),
+        checked on a fixed random batch. Fine-tuning refuses the result."""
+        size = self.preprocess.size
+        pixels = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(0))  # fmt: skip
+        self.net = folding.folded(self.net, self.normalise(pixels))
+        self.folded = True
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (n, size, size, 3) -> the model's normalised float input on its device."""
@@ -267,16 +277,18 @@ def create(
     random_weights: bool = False,
     preprocess_mode: str = "pad",
     head: str | None = None,
+    for_training: bool = False,
 ) -> Embedder:
     """Build a registered model on `device` (auto: CUDA when present), with an optional
-    projection head (a `heads` file URI) run after the backbone as one model."""
+    projection head (a `heads` file URI) run after the backbone as one model. Its BatchNorm
+    is folded for speed unless it is `for_training` (finetune.Tail)."""
     spec = _check_name(name)
     net, dim, entry = spec.build(weights, random_weights), spec.dim, None
     if head:
         head_net, meta = heads.load(head)
         entry = _head_entry(name, head, meta)
         net, dim = nn.Sequential(net, head_net), entry["dim"]
-    return Embedder(
+    embedder = Embedder(
         model_id=name,
         weights_id=weights_id(name, weights, random_weights),
         net=net,
@@ -287,6 +299,9 @@ def create(
         device=devices.torch_device(device),
         head=entry,
     )
+    if not for_training:
+        embedder.fold_batchnorm()
+    return embedder
 
 
 def describe(

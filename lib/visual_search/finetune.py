@@ -52,6 +52,11 @@ class Tail:
     def __init__(self, embedder: embedders.Embedder, at: int):
         if embedder.model_id not in FINETUNABLE or embedder.head:
             raise ValueError(f"fine-tuning supports {', '.join(FINETUNABLE)} without a head")
+        if embedder.folded:
+            raise ValueError(
+                "fine-tuning needs the model's BatchNorm layers: "
+                "build it with embedders.create(..., for_training=True)"
+            )
         self.embedder, self.net = embedder, embedder.net  # embedders._PreLogits
         m = self.net.model
         if not 0 < at < len(m.blocks):
