@@ -61,9 +61,12 @@ def measure_decode(uris: list[str], workers: int) -> tuple[float, np.ndarray]:
     return len(uris) / seconds, pixels
 
 
-def measure_model(pixels: np.ndarray, batch_size: int, threads: int, keep_freed=True) -> float:
-    """The bare model's images/s; set up as the job's actors are (threads, freed tensors kept)
-    unless `keep_freed` is False (glibc's defaults, for --model-sweep)."""
+def measure_model(
+    pixels: np.ndarray, batch_size: int, threads: int, keep_freed=True, fold=True
+) -> float:
+    """The bare model's images/s; set up as the job's actors are (threads, freed tensors kept,
+    BatchNorm folded) unless `keep_freed` is False (glibc's defaults) or `fold` is False (the
+    model as trained), for --model-sweep."""
     import torch
 
     from visual_search.pipeline import start_worker
@@ -72,7 +75,7 @@ def measure_model(pixels: np.ndarray, batch_size: int, threads: int, keep_freed=
         start_worker(threads)
     else:
         torch.set_num_threads(threads)
-    emb = embedders.create(device="cpu")
+    emb = embedders.create(device="cpu", for_training=not fold)
     emb.embed(pixels[:batch_size])
     t = time.perf_counter()
     for i in range(0, len(pixels), batch_size):
@@ -242,22 +245,33 @@ def large(args, cores: int) -> dict:
     return {"cores": cores, "batch_size": args.batch_size, **out}
 
 
+SWEEP = {"kept": (True, True), "kept_unfolded": (True, False), "glibc_default": (False, True)}
+
+
 def model_sweep(args, cores: int) -> dict:
-    """--model-sweep: the bare model's images/s by batch size, with the actors' allocator
-    setting and without it (a fresh process each, since the setting cannot be undone)."""
+    """--model-sweep: the bare model's images/s by batch size as the actors run it (freed
+    memory kept, BatchNorm folded), unfolded, and with glibc's allocator defaults; a fresh
+    process each, since the allocator setting cannot be undone."""
     out = {}
-    for keep in (True, False):
+    for variant, (keep, fold) in SWEEP.items():
         for batch in (8, 16, 32, 64):
             code = (
                 "import sys; sys.path.insert(0, sys.argv[1]); import numpy as np; "
                 "from bench import embed as e; "
                 "px = np.random.default_rng(0).integers(0, 256, (256, 224, 224, 3), np.uint8); "
-                "print(e.measure_model(px, int(sys.argv[3]), int(sys.argv[4]), sys.argv[2] == '1'))"
+                "print(e.measure_model(px, int(sys.argv[3]), int(sys.argv[4]), "
+                "sys.argv[2][0] == '1', sys.argv[2][1] == '1'))"
             )
-            cmd = [sys.executable, "-c", code, REPO, str(int(keep)), str(batch), str(cores)]
-            rate = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-            out[f"b_batch_{batch}_{'kept' if keep else 'glibc_default'}"] = round(rate, 1)
-            print(f"b batch {batch} freed_memory_kept {keep} {rate:.1f}", flush=True)
+            flags = f"{int(keep)}{int(fold)}"
+            cmd = [sys.executable, "-c", code, REPO, flags, str(batch), str(cores)]
+            run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            rate = float(run.stdout.split()[-1])
+            out[f"b_batch_{batch}_{variant}"] = round(rate, 1)
+            print(f"b batch {batch} {variant} {rate:.1f}", flush=True)
+    for batch in (8, 16, 32, 64):
+        ratio = out[f"b_batch_{batch}_kept"] / out[f"b_batch_{batch}_kept_unfolded"]
+        out[f"folded_over_unfolded_batch_{batch}"] = round(ratio, 3)
+        print(f"folded_over_unfolded batch {batch} {ratio:.3f}", flush=True)
     return {"cores": cores, **out}
 
 
