@@ -51,7 +51,9 @@ def _decode(uri: str) -> bytes | None:
 
 
 def measure_decode(uris: list[str], workers: int) -> tuple[float, np.ndarray]:
-    with mp.get_context("fork").Pool(workers) as pool:
+    # forkserver, not fork: --large measures a again after ray.init, and a child forked from
+    # a process with Ray's threads running hung in one run
+    with mp.get_context("forkserver").Pool(workers) as pool:
         pool.map(_decode, uris[: workers * 4])  # warm the workers
         t = time.perf_counter()
         out = pool.map(_decode, uris, chunksize=8)
