@@ -261,11 +261,10 @@ def model_sweep(args, cores: int) -> dict:
                 "import sys; sys.path.insert(0, sys.argv[1]); import numpy as np; "
                 "from bench import embed as e; "
                 "px = np.random.default_rng(0).integers(0, 256, (256, 224, 224, 3), np.uint8); "
-                "print(e.measure_model(px, int(sys.argv[3]), int(sys.argv[4]), "
-                "sys.argv[2][0] == '1', sys.argv[2][1] == '1'))"
+                "print(e.measure_model(px, *map(int, sys.argv[2:])))"
             )
-            flags = f"{int(keep)}{int(fold)}"
-            cmd = [sys.executable, "-c", code, REPO, flags, str(batch), str(cores)]
+            argv = map(str, (batch, cores, int(keep), int(fold)))  # measure_model's arguments
+            cmd = [sys.executable, "-c", code, REPO, *argv]
             run = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rate = float(run.stdout.split()[-1])
             out[f"b_batch_{batch}_{variant}"] = round(rate, 1)
